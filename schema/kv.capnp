@@ -1,0 +1,174 @@
+# corekv native protocol: etcd's v3 KV API, shaped for Cap'n Proto RPC.
+# Field meanings follow etcd's api/etcdserverpb/rpc.proto; errors travel as RPC
+# exceptions whose text is etcd's error message (e.g. "etcdserver: key is not provided").
+@0xd5b1a4c9e2f37a61;
+
+struct ResponseHeader {
+  clusterId @0 :UInt64;
+  memberId @1 :UInt64;
+  revision @2 :Int64;
+  raftTerm @3 :UInt64;
+}
+
+struct KeyValue {
+  key @0 :Data;
+  createRevision @1 :Int64;
+  modRevision @2 :Int64;
+  version @3 :Int64;
+  value @4 :Data;
+  lease @5 :Int64;
+}
+
+enum SortOrder { none @0; ascend @1; descend @2; }
+enum SortTarget { key @0; version @1; create @2; mod @3; value @4; }
+
+struct RangeRequest {
+  key @0 :Data;
+  rangeEnd @1 :Data;
+  limit @2 :Int64;
+  revision @3 :Int64;
+  sortOrder @4 :SortOrder;
+  sortTarget @5 :SortTarget;
+  serializable @6 :Bool;
+  keysOnly @7 :Bool;
+  countOnly @8 :Bool;
+  minModRevision @9 :Int64;
+  maxModRevision @10 :Int64;
+  minCreateRevision @11 :Int64;
+  maxCreateRevision @12 :Int64;
+}
+
+struct RangeResponse {
+  header @0 :ResponseHeader;
+  kvs @1 :List(KeyValue);
+  more @2 :Bool;
+  count @3 :Int64;
+}
+
+struct PutRequest {
+  key @0 :Data;
+  value @1 :Data;
+  lease @2 :Int64;
+  prevKv @3 :Bool;
+  ignoreValue @4 :Bool;
+  ignoreLease @5 :Bool;
+}
+
+struct PutResponse {
+  header @0 :ResponseHeader;
+  prevKv @1 :KeyValue;   # unset when there was no previous value or it was not asked for
+}
+
+struct DeleteRangeRequest {
+  key @0 :Data;
+  rangeEnd @1 :Data;
+  prevKv @2 :Bool;
+}
+
+struct DeleteRangeResponse {
+  header @0 :ResponseHeader;
+  deleted @1 :Int64;
+  prevKvs @2 :List(KeyValue);
+}
+
+enum CompareResult { equal @0; greater @1; less @2; notEqual @3; }
+
+struct Compare {
+  result @0 :CompareResult;
+  key @1 :Data;
+  rangeEnd @2 :Data;
+  target :union {
+    version @3 :Int64;
+    createRevision @4 :Int64;
+    modRevision @5 :Int64;
+    value @6 :Data;
+    lease @7 :Int64;
+  }
+}
+
+struct RequestOp {
+  union {
+    range @0 :RangeRequest;
+    put @1 :PutRequest;
+    deleteRange @2 :DeleteRangeRequest;
+    txn @3 :TxnRequest;
+  }
+}
+
+struct ResponseOp {
+  union {
+    range @0 :RangeResponse;
+    put @1 :PutResponse;
+    deleteRange @2 :DeleteRangeResponse;
+    txn @3 :TxnResponse;
+  }
+}
+
+struct TxnRequest {
+  compare @0 :List(Compare);
+  success @1 :List(RequestOp);
+  failure @2 :List(RequestOp);
+}
+
+struct TxnResponse {
+  header @0 :ResponseHeader;
+  succeeded @1 :Bool;
+  responses @2 :List(ResponseOp);
+}
+
+struct CompactionRequest {
+  revision @0 :Int64;
+  physical @1 :Bool;
+}
+
+struct CompactionResponse {
+  header @0 :ResponseHeader;
+}
+
+enum AlarmType { none @0; nospace @1; corrupt @2; }
+enum AlarmAction { get @0; activate @1; deactivate @2; }
+
+struct AlarmMember {
+  memberId @0 :UInt64;
+  alarm @1 :AlarmType;
+}
+
+struct AlarmRequest {
+  action @0 :AlarmAction;
+  memberId @1 :UInt64;
+  alarm @2 :AlarmType;
+}
+
+struct AlarmResponse {
+  header @0 :ResponseHeader;
+  alarms @1 :List(AlarmMember);
+}
+
+struct StatusResponse {
+  header @0 :ResponseHeader;
+  version @1 :Text;
+  dbSize @2 :Int64;
+  dbSizeInUse @3 :Int64;
+  leader @4 :UInt64;
+  raftIndex @5 :UInt64;
+  raftTerm @6 :UInt64;
+  raftAppliedIndex @7 :UInt64;
+  errors @8 :List(Text);
+  isLearner @9 :Bool;
+  # Group-commit evidence: WAL batches written, entries in them, and fdatasync latency.
+  walBatches @10 :UInt64;
+  walEntries @11 :UInt64;
+  walFsyncP50Micros @12 :UInt64;
+  walFsyncP99Micros @13 :UInt64;
+  walMaxBatch @14 :UInt64;
+}
+
+interface Kv {
+  range @0 (req :RangeRequest) -> (resp :RangeResponse);
+  put @1 (req :PutRequest) -> (resp :PutResponse);
+  deleteRange @2 (req :DeleteRangeRequest) -> (resp :DeleteRangeResponse);
+  txn @3 (req :TxnRequest) -> (resp :TxnResponse);
+  compact @4 (req :CompactionRequest) -> (resp :CompactionResponse);
+  alarm @5 (req :AlarmRequest) -> (resp :AlarmResponse);
+  status @6 () -> (resp :StatusResponse);
+}

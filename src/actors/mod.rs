@@ -1,0 +1,141 @@
+//! Thread-per-core runtime: one glommio executor per shard, pinned to a core. Every shard
+//! runs a network actor; the raft, wal and apply actors run on the shards the
+//! configuration names. Actors talk only through bounded SPSC `shared_channel`s, so a
+//! full mailbox pushes back on its sender instead of growing.
+
+pub mod apply;
+pub mod network;
+pub mod raft;
+pub mod wal;
+
+use crate::error::KvError;
+use crate::model::{Header, WalStats, WriteRequest, WriteResponse};
+use ::raft::eraftpb::{Entry, HardState};
+use futures::Stream;
+use glommio::channels::shared_channel::{self, ConnectedReceiver, SharedReceiver, SharedSender};
+use serde::{Deserialize, Serialize};
+use std::pin::Pin;
+
+/// Request id: shard in the top 16 bits, a per-shard sequence below.
+pub type ReqId = u64;
+
+pub fn shard_of(id: ReqId) -> usize {
+    (id >> 48) as usize
+}
+
+/// What a raft entry carries: the write plus who is waiting for it. `epoch` is a per-boot
+/// nonce so entries replayed after a restart never answer a new request with the same id.
+#[derive(Serialize, Deserialize)]
+pub struct Proposal {
+    pub epoch: u64,
+    pub id: ReqId,
+    pub req: WriteRequest,
+}
+
+/// network -> raft
+pub enum ToRaft {
+    Propose { id: ReqId, data: Vec<u8> },
+    ReadIndex { id: ReqId },
+    Status { id: ReqId },
+}
+
+/// raft -> wal
+pub enum ToWal {
+    Persist {
+        number: u64,
+        entries: Vec<Entry>,
+        hard_state: Option<HardState>,
+    },
+    /// Segments whose entries are all <= index may go (they are in a synced checkpoint).
+    Release { index: u64 },
+}
+
+/// wal -> raft: everything up to ready `number` is fdatasync'ed.
+pub struct Persisted {
+    pub number: u64,
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    pub stats: WalStats,
+}
+
+/// raft -> apply
+pub enum ToApply {
+    Committed(Vec<Entry>),
+    /// Answer these linearizable reads once `index` is applied.
+    ReadBarrier { index: u64, ids: Vec<ReqId> },
+}
+
+/// apply -> raft
+pub enum ApplyToRaft {
+    /// LMDB is synced up to this index: the raft log and WAL below it can go.
+    Checkpointed { index: u64, term: u64 },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RaftStatus {
+    pub leader: u64,
+    pub term: u64,
+    pub last_index: u64,
+    pub commit: u64,
+    pub wal: WalStats,
+}
+
+/// raft/apply -> network
+pub enum ToNet {
+    Written(Vec<(ReqId, Header, Result<WriteResponse, KvError>)>),
+    ReadReady(Vec<ReqId>),
+    Failed(Vec<ReqId>, KvError),
+    Status(ReqId, RaftStatus),
+}
+
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = T>>>;
+
+/// Connects a receiver and maps its messages into an actor's input type.
+pub async fn connect_rx<T: Send + 'static, U: 'static>(
+    rx: SharedReceiver<T>,
+    f: fn(T) -> U,
+) -> BoxStream<U> {
+    use futures::StreamExt;
+    let rx: ConnectedReceiver<T> = rx.connect().await;
+    Box::pin(rx.map(f))
+}
+
+/// Channel endpoints created up front and moved into the shards that own them.
+pub struct Mailboxes {
+    pub net_to_raft: Vec<(Option<SharedSender<ToRaft>>, Option<SharedReceiver<ToRaft>>)>,
+    pub raft_to_net: Vec<(Option<SharedSender<ToNet>>, Option<SharedReceiver<ToNet>>)>,
+    pub apply_to_net: Vec<(Option<SharedSender<ToNet>>, Option<SharedReceiver<ToNet>>)>,
+    pub raft_to_wal: (Option<SharedSender<ToWal>>, Option<SharedReceiver<ToWal>>),
+    pub wal_to_raft: (Option<SharedSender<Persisted>>, Option<SharedReceiver<Persisted>>),
+    pub raft_to_apply: (Option<SharedSender<ToApply>>, Option<SharedReceiver<ToApply>>),
+    pub apply_to_raft: (Option<SharedSender<ApplyToRaft>>, Option<SharedReceiver<ApplyToRaft>>),
+}
+
+/// Mailbox capacities (messages). The raft actor keeps at most `MAX_INFLIGHT_PERSISTS`
+/// readies at the WAL, below both WAL mailboxes' capacity, so neither side ever blocks
+/// on the other (no cycle of full mailboxes).
+pub const NET_MAILBOX: usize = 4096;
+pub const WAL_MAILBOX: usize = 256;
+pub const MAX_INFLIGHT_PERSISTS: u64 = 128;
+pub const APPLY_MAILBOX: usize = 1024;
+
+fn pair<T: Send>(cap: usize) -> (Option<SharedSender<T>>, Option<SharedReceiver<T>>) {
+    let (s, r) = shared_channel::new_bounded(cap);
+    (Some(s), Some(r))
+}
+
+impl Mailboxes {
+    pub fn new(shards: usize) -> Mailboxes {
+        assert!(shards >= 1);
+        const { assert!(MAX_INFLIGHT_PERSISTS < WAL_MAILBOX as u64) };
+        Mailboxes {
+            net_to_raft: (0..shards).map(|_| pair(NET_MAILBOX)).collect(),
+            raft_to_net: (0..shards).map(|_| pair(NET_MAILBOX)).collect(),
+            apply_to_net: (0..shards).map(|_| pair(NET_MAILBOX)).collect(),
+            raft_to_wal: pair(WAL_MAILBOX),
+            wal_to_raft: pair(WAL_MAILBOX),
+            raft_to_apply: pair(APPLY_MAILBOX),
+            apply_to_raft: pair(16),
+        }
+    }
+}

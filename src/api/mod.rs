@@ -1,0 +1,3 @@
+//! Front ends' shared pieces: the native protocol codec and etcd's request checks.
+pub mod native;
+pub mod validate;

@@ -1,0 +1,240 @@
+//! `corekv serve` flags. Each reads `COREKV_<FLAG>`; flags that etcd also has read
+//! `ETCD_<FLAG>` too (so an etcd.conf env file works). A flag beats either env var.
+
+use clap::Args;
+use std::path::PathBuf;
+
+/// Flags with etcd's names: their `ETCD_*` variables are honoured.
+pub const ETCD_FLAGS: &[&str] = &[
+    "name",
+    "data-dir",
+    "wal-dir",
+    "snapshot-count",
+    "quota-backend-bytes",
+    "max-request-bytes",
+    "max-txn-ops",
+    "log-level",
+    "heartbeat-interval",
+    "election-timeout",
+    "initial-cluster-token",
+    "initial-advertise-peer-urls",
+];
+
+/// Copies `ETCD_X` to `COREKV_X` where only the former is set, before clap reads env.
+pub fn import_etcd_env() {
+    for flag in ETCD_FLAGS {
+        let suffix = flag.to_uppercase().replace('-', "_");
+        let ours = format!("COREKV_{suffix}");
+        if std::env::var_os(&ours).is_none() {
+            if let Some(v) = std::env::var_os(format!("ETCD_{suffix}")) {
+                // SAFETY: called at start-up before any other thread exists.
+                unsafe { std::env::set_var(&ours, v) };
+            }
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeConfig {
+    /// Human-readable name for this member.
+    #[arg(long, env = "COREKV_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory.
+    #[arg(long, env = "COREKV_DATA_DIR", default_value = "default.corekv")]
+    pub data_dir: PathBuf,
+    /// Path to the dedicated WAL directory (default: <data-dir>/member/wal).
+    #[arg(long, env = "COREKV_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// URLs to serve the native capnp-rpc protocol on (comma-separated; scheme optional).
+    #[arg(long, env = "COREKV_LISTEN_NATIVE_URLS", default_value = "http://127.0.0.1:2378")]
+    pub listen_native_urls: String,
+    /// Applied entries between LMDB checkpoints (after which the WAL below is released).
+    #[arg(long, env = "COREKV_SNAPSHOT_COUNT", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_count: u64,
+    /// Raise the NOSPACE alarm when the backend grows past this many bytes.
+    #[arg(long, env = "COREKV_QUOTA_BACKEND_BYTES", default_value_t = 2 * 1024 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub quota_backend_bytes: u64,
+    /// Maximum client request size in bytes.
+    #[arg(long, env = "COREKV_MAX_REQUEST_BYTES", default_value_t = 1_572_864, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_bytes: u64,
+    /// Maximum operations per txn branch.
+    #[arg(long, env = "COREKV_MAX_TXN_OPS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_txn_ops: u64,
+    /// Shards (pinned executors); default: every core this process may run on.
+    #[arg(long, env = "COREKV_CORES", value_parser = clap::value_parser!(u64).range(1..1025))]
+    pub cores: Option<u64>,
+    /// Shard that runs the raft actor.
+    #[arg(long, env = "COREKV_RAFT_SHARD", default_value_t = 0)]
+    pub raft_shard: usize,
+    /// Shard that runs the WAL actor.
+    #[arg(long, env = "COREKV_WAL_SHARD", default_value_t = 0)]
+    pub wal_shard: usize,
+    /// Shard that runs the apply actor.
+    #[arg(long, env = "COREKV_APPLY_SHARD", default_value_t = 0)]
+    pub apply_shard: usize,
+    /// debug, info, warn or error.
+    #[arg(long, env = "COREKV_LOG_LEVEL", default_value = "info", value_parser = ["debug", "info", "warn", "error"])]
+    pub log_level: String,
+    /// Raft heartbeat interval (ms).
+    #[arg(long, env = "COREKV_HEARTBEAT_INTERVAL", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_interval: u64,
+    /// Raft election timeout (ms): at least 5x the heartbeat, at most 50000.
+    #[arg(long, env = "COREKV_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Cluster token (member and cluster IDs derive from it, as in etcd).
+    #[arg(long, env = "COREKV_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// This member's peer URLs (comma-separated).
+    #[arg(long, env = "COREKV_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// WAL segment size in bytes (preallocated and zero-filled).
+    #[arg(long, env = "COREKV_WAL_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024, hide = true)]
+    pub wal_segment_bytes: u64,
+}
+
+impl ServeConfig {
+    /// Checks cross-flag rules clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(format!(
+                "--election-timeout[{}ms] should be at least 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.election_timeout > 50_000 {
+            return Err(format!(
+                "--election-timeout[{}ms] is too long, and should be set less than 50 seconds",
+                self.election_timeout
+            ));
+        }
+        let shards = self.shards();
+        for (flag, v) in [
+            ("--raft-shard", self.raft_shard),
+            ("--wal-shard", self.wal_shard),
+            ("--apply-shard", self.apply_shard),
+        ] {
+            if v >= shards {
+                return Err(format!("{flag} {v} is not below --cores {shards}"));
+            }
+        }
+        if self.wal_segment_bytes < (1 << 20) || self.wal_segment_bytes % 4096 != 0 {
+            return Err("--wal-segment-bytes must be a multiple of 4096 and at least 1 MiB".into());
+        }
+        if self.max_request_bytes > 64 << 20 {
+            return Err("--max-request-bytes must be at most 64 MiB".into());
+        }
+        parse_urls(&self.listen_native_urls)?;
+        Ok(())
+    }
+
+    pub fn shards(&self) -> usize {
+        self.cores
+            .map(|c| c as usize)
+            .unwrap_or_else(|| available_cpus().len())
+    }
+
+    pub fn member_dir(&self) -> PathBuf {
+        self.data_dir.join("member")
+    }
+
+    pub fn wal_path(&self) -> PathBuf {
+        self.wal_dir
+            .clone()
+            .unwrap_or_else(|| self.member_dir().join("wal"))
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.member_dir().join("db")
+    }
+
+    /// etcd's member ID: sha1 over sorted peer URLs + cluster token, first 8 bytes.
+    pub fn member_id(&self) -> u64 {
+        use sha1::{Digest, Sha1};
+        let mut urls: Vec<&str> = self
+            .initial_advertise_peer_urls
+            .split(',')
+            .map(str::trim)
+            .collect();
+        urls.sort();
+        let mut h = Sha1::new();
+        for u in urls {
+            h.update(u.as_bytes());
+        }
+        h.update(self.initial_cluster_token.as_bytes());
+        let d = h.finalize();
+        u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8])).max(1)
+    }
+
+    /// etcd's cluster ID: sha1 over the sorted member IDs (8 bytes each, big endian).
+    pub fn cluster_id(&self) -> u64 {
+        use sha1::{Digest, Sha1};
+        let d = Sha1::digest(self.member_id().to_be_bytes());
+        u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8]))
+    }
+}
+
+/// "http://127.0.0.1:2378,127.0.0.2:2378" -> socket addresses (scheme optional, as etcd).
+pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for u in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let hostport = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"))
+            .unwrap_or(u)
+            .trim_end_matches('/');
+        if hostport.contains('/') || !hostport.contains(':') {
+            return Err(format!("invalid URL {u:?}: expected [scheme://]host:port"));
+        }
+        out.push(hostport.to_string());
+    }
+    if out.is_empty() {
+        return Err("no URL given".into());
+    }
+    Ok(out)
+}
+
+/// CPUs in this process's affinity mask.
+pub fn available_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|c| libc::CPU_ISSET(*c, &set))
+                .collect();
+            if !cpus.is_empty() {
+                return cpus;
+            }
+        }
+    }
+    (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        c: ServeConfig,
+    }
+
+    #[test]
+    fn default_ids_match_etcd() {
+        // etcd 3.4 started with defaults reports member 8e9e05c52164694d in cluster cdf818194e3a8c32.
+        let t = T::try_parse_from(["x"]).unwrap();
+        assert_eq!(format!("{:x}", t.c.member_id()), "8e9e05c52164694d");
+        assert_eq!(format!("{:x}", t.c.cluster_id()), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn urls_parse_with_or_without_scheme() {
+        assert_eq!(
+            parse_urls("http://127.0.0.1:2378, 127.0.0.2:2378").unwrap(),
+            vec!["127.0.0.1:2378", "127.0.0.2:2378"]
+        );
+        assert!(parse_urls("nonsense").is_err());
+    }
+}

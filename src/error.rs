@@ -1,0 +1,107 @@
+//! Errors with etcd's messages and gRPC status codes, so clients can match them.
+
+use serde::{Deserialize, Serialize};
+
+/// gRPC status codes used by etcd for its API errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    FailedPrecondition,
+    Unavailable,
+    Internal,
+}
+
+/// Every error the KV API can return. `Display` is etcd's exact message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum KvError {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: too many requests")]
+    TooManyRequests,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: {0}")]
+    Internal(String),
+}
+
+impl KvError {
+    pub fn code(&self) -> Code {
+        use KvError::*;
+        match self {
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | RequestTooLarge => Code::InvalidArgument,
+            Compacted | FutureRev => Code::OutOfRange,
+            NoSpace | TooManyRequests => Code::ResourceExhausted,
+            LeaseNotFound => Code::NotFound,
+            Timeout | Stopped => Code::Unavailable,
+            Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Recovers the typed error from its message (errors cross the native protocol as text).
+    pub fn from_message(msg: &str) -> KvError {
+        use KvError::*;
+        let known = [
+            EmptyKey,
+            KeyNotFound,
+            ValueProvided,
+            LeaseProvided,
+            TooManyOps,
+            DuplicateKey,
+            RequestTooLarge,
+            Compacted,
+            FutureRev,
+            NoSpace,
+            LeaseNotFound,
+            TooManyRequests,
+            Timeout,
+            Stopped,
+        ];
+        for e in known {
+            if msg.contains(&e.to_string()) {
+                return e;
+            }
+        }
+        Internal(msg.trim_start_matches("etcdserver: ").to_string())
+    }
+}
+
+impl From<heed::Error> for KvError {
+    fn from(e: heed::Error) -> Self {
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => KvError::NoSpace,
+            other => KvError::Internal(format!("backend: {other}")),
+        }
+    }
+}
+
+impl From<postcard::Error> for KvError {
+    fn from(e: postcard::Error) -> Self {
+        KvError::Internal(format!("decode: {e}"))
+    }
+}

@@ -1,0 +1,291 @@
+//! `corekv serve`: recovers state from LMDB + WAL, then starts one pinned glommio
+//! executor per shard and the actors the configuration places on each.
+
+use crate::actors::apply::{ApplyActor, ApplySetup};
+use crate::actors::network::{self, NetSettings, Shard};
+use crate::actors::raft::{RaftActor, RaftInput, RaftSetup};
+use crate::actors::wal::WalActor;
+use crate::actors::{connect_rx, Mailboxes};
+use crate::config::{available_cpus, parse_urls, ServeConfig};
+use crate::storage::backend::{meta_key, Backend};
+use crate::storage::raft_log::RaftLog;
+use crate::storage::wal;
+use futures::future::join_all;
+use glommio::{LocalExecutorBuilder, Placement};
+use protobuf::Message as _;
+use raft::eraftpb::ConfState;
+use std::time::Duration;
+
+/// Registered I/O memory per executor; small because RLIMIT_MEMLOCK is 8 MiB here.
+const IO_MEMORY_BYTES: usize = 2 << 20;
+
+fn raise_memlock() {
+    let want: libc::rlim_t = 256 << 20;
+    // SAFETY: plain syscalls on a stack struct.
+    unsafe {
+        let mut cur: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) == 0 && cur.rlim_cur < want {
+            let new = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want.max(cur.rlim_max),
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) != 0 {
+                tracing::debug!("could not raise RLIMIT_MEMLOCK; keeping io_memory small");
+            }
+        }
+    }
+}
+
+/// State recovered from disk before any actor starts.
+struct Recovered {
+    backend: Backend,
+    raft_log: RaftLog,
+    wal: wal::Recovered,
+    applied_index: u64,
+    applied_term: u64,
+}
+
+fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
+    let member_id = cfg.member_id();
+    for dir in [cfg.member_dir().join("snap"), cfg.wal_path(), cfg.db_path()] {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    // The map only reserves address space; twice the quota leaves room past the alarm.
+    let map_size = cfg.quota_backend_bytes.saturating_mul(2).max(64 << 20);
+    let backend = Backend::open(&cfg.db_path(), map_size as usize).map_err(|e| e.to_string())?;
+    let (applied_index, applied_term, conf_state) = {
+        let txn = backend.read_txn().map_err(|e| e.to_string())?;
+        let idx = backend
+            .get_u64(&txn, meta_key::APPLIED_INDEX)
+            .map_err(|e| e.to_string())?;
+        let term = backend
+            .get_u64(&txn, meta_key::APPLIED_TERM)
+            .map_err(|e| e.to_string())?;
+        let cs = match backend.meta.get(&txn, meta_key::CONF_STATE) {
+            Ok(Some(b)) => Some(ConfState::parse_from_bytes(b).map_err(|e| format!("meta conf state: {e}"))?),
+            Ok(None) => None,
+            Err(e) => return Err(e.to_string()),
+        };
+        (idx, term, cs)
+    };
+    let conf_state = match conf_state {
+        Some(cs) => cs,
+        None => bootstrap(&backend, member_id)?,
+    };
+    let recovered = wal::recover(&cfg.wal_path()).map_err(|e| e.to_string())?;
+    if let Some(t) = recovered.truncated_at {
+        tracing::warn!(offset = t, "wal: recovered from a torn final record");
+    }
+    let entries: Vec<_> = recovered
+        .entries
+        .iter()
+        .filter(|e| e.index > applied_index)
+        .cloned()
+        .collect();
+    if let Some(first) = entries.first() {
+        if first.index != applied_index + 1 {
+            return Err(format!(
+                "wal: entries {}..{} are missing (applied index {applied_index})",
+                applied_index + 1,
+                first.index
+            ));
+        }
+    }
+    let mut hs = recovered.hard_state.clone().unwrap_or_default();
+    // Apply can run ahead of the hard state's persisted commit; what is applied was committed.
+    hs.commit = hs.commit.max(applied_index);
+    hs.term = hs.term.max(applied_term);
+    let last_index = entries.last().map_or(applied_index, |e| e.index);
+    hs.commit = hs.commit.min(last_index);
+    let raft_log = RaftLog::new(applied_index, applied_term, conf_state, hs, entries);
+    Ok(Recovered {
+        backend,
+        raft_log,
+        wal: recovered,
+        applied_index,
+        applied_term,
+    })
+}
+
+/// First start: a one-voter group of this member, made durable before anything else.
+fn bootstrap(backend: &Backend, member_id: u64) -> Result<ConfState, String> {
+    let mut cs = ConfState::default();
+    cs.voters = vec![member_id];
+    let bytes = cs.write_to_bytes().map_err(|e| e.to_string())?;
+    let mut txn = backend.env.write_txn().map_err(|e| e.to_string())?;
+    backend
+        .meta
+        .put(&mut txn, meta_key::CONF_STATE, &bytes)
+        .map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| e.to_string())?;
+    backend.sync().map_err(|e| e.to_string())?;
+    tracing::info!(member = %format!("{member_id:x}"), "bootstrapped a new single-member cluster");
+    Ok(cs)
+}
+
+fn exit_fatal(msg: String) -> ! {
+    tracing::error!("{msg}");
+    eprintln!("corekv: fatal: {msg}");
+    std::process::exit(1)
+}
+
+pub fn run(cfg: ServeConfig) -> Result<(), String> {
+    cfg.validate()?;
+    raise_memlock();
+    let addrs = parse_urls(&cfg.listen_native_urls)?;
+    let rec = recover(&cfg)?;
+    let shards = cfg.shards();
+    let cpus = available_cpus();
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ ((std::process::id() as u64) << 32);
+    let member_id = cfg.member_id();
+    let cluster_id = cfg.cluster_id();
+    let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
+    let mut mb = Mailboxes::new(shards);
+
+    let mut raft_part = Some((rec.raft_log, rec.applied_index));
+    let mut wal_part = Some(rec.wal);
+    let mut apply_part = Some((rec.applied_index, rec.applied_term));
+    let mut handles = Vec::new();
+    for i in 0..shards {
+        let cpu = cpus[i % cpus.len()];
+        let backend = rec.backend.clone();
+        let net_tx = mb.net_to_raft[i].0.take();
+        let from_raft = mb.raft_to_net[i].1.take();
+        let from_apply = mb.apply_to_net[i].1.take();
+        let addrs = addrs.clone();
+        let settings = NetSettings {
+            max_request_bytes: cfg.max_request_bytes,
+            max_txn_ops: cfg.max_txn_ops as usize,
+            quota_backend_bytes: cfg.quota_backend_bytes,
+            cluster_id,
+            member_id,
+            request_timeout,
+        };
+        // Endpoints of the actors placed on this shard.
+        let raft = if i == cfg.raft_shard {
+            let (log, applied) = raft_part.take().expect("one raft shard");
+            Some((
+                RaftSetup {
+                    id: member_id,
+                    log,
+                    applied,
+                    heartbeat_ms: cfg.heartbeat_interval,
+                    election_ms: cfg.election_timeout,
+                },
+                mb.net_to_raft.iter_mut().map(|p| p.1.take().expect("rx")).collect::<Vec<_>>(),
+                mb.raft_to_net.iter_mut().map(|p| p.0.take().expect("tx")).collect::<Vec<_>>(),
+                mb.raft_to_wal.0.take().expect("tx"),
+                mb.wal_to_raft.1.take().expect("rx"),
+                mb.raft_to_apply.0.take().expect("tx"),
+                mb.apply_to_raft.1.take().expect("rx"),
+            ))
+        } else {
+            None
+        };
+        let wal = if i == cfg.wal_shard {
+            Some((
+                wal_part.take().expect("one wal shard"),
+                mb.raft_to_wal.1.take().expect("rx"),
+                mb.wal_to_raft.0.take().expect("tx"),
+                cfg.wal_path(),
+                cfg.wal_segment_bytes,
+                rec.applied_index + 1,
+            ))
+        } else {
+            None
+        };
+        let apply = if i == cfg.apply_shard {
+            let (applied_index, applied_term) = apply_part.take().expect("one apply shard");
+            Some((
+                ApplySetup {
+                    backend: rec.backend.clone(),
+                    epoch,
+                    cluster_id,
+                    member_id,
+                    snapshot_count: cfg.snapshot_count,
+                    applied_index,
+                    applied_term,
+                },
+                mb.raft_to_apply.1.take().expect("rx"),
+                mb.apply_to_net.iter_mut().map(|p| p.0.take().expect("tx")).collect::<Vec<_>>(),
+                mb.apply_to_raft.0.take().expect("tx"),
+            ))
+        } else {
+            None
+        };
+        let heartbeat_ms = cfg.heartbeat_interval;
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("corekv-shard-{i}"))
+            .io_memory(IO_MEMORY_BYTES)
+            .spawn(move || async move {
+                if let Some((wal_rec, inbox, to_raft, dir, seg_bytes, start_index)) = wal {
+                    glommio::spawn_local(async move {
+                        let (inbox, to_raft) = futures::join!(
+                            connect_rx(inbox, |m| m),
+                            to_raft.connect()
+                        );
+                        match WalActor::open(dir, seg_bytes, wal_rec, start_index).await {
+                            Ok(actor) => actor.run(inbox, to_raft).await,
+                            Err(e) => exit_fatal(format!("wal: open: {e}")),
+                        }
+                    })
+                    .detach();
+                }
+                if let Some((setup, apply_rx, to_net, to_raft)) = apply {
+                    glommio::spawn_local(async move {
+                        let (inbox, to_net, to_raft) = futures::join!(
+                            connect_rx(apply_rx, |m| m),
+                            join_all(to_net.into_iter().map(|t| t.connect())),
+                            to_raft.connect()
+                        );
+                        ApplyActor::new(setup, to_net, to_raft).run(inbox).await;
+                    })
+                    .detach();
+                }
+                if let Some((setup, net_rxs, net_txs, wal_tx, wal_rx, apply_tx, apply_rx)) = raft {
+                    glommio::spawn_local(async move {
+                        let (net_rxs, net_txs, wal_tx, wal_rx, apply_tx, apply_rx) = futures::join!(
+                            join_all(net_rxs.into_iter().map(|r| connect_rx(r, RaftInput::Net))),
+                            join_all(net_txs.into_iter().map(|t| t.connect())),
+                            wal_tx.connect(),
+                            connect_rx(wal_rx, RaftInput::Persisted),
+                            apply_tx.connect(),
+                            connect_rx(apply_rx, RaftInput::Apply),
+                        );
+                        let mut inputs = futures::stream::select_all(net_rxs);
+                        inputs.push(wal_rx);
+                        inputs.push(apply_rx);
+                        inputs.push(RaftActor::ticker(heartbeat_ms));
+                        match RaftActor::new(setup, wal_tx, apply_tx, net_txs) {
+                            Ok(actor) => actor.run(inputs).await,
+                            Err(e) => exit_fatal(format!("raft: {e}")),
+                        }
+                    })
+                    .detach();
+                }
+                let (to_raft, from_raft, from_apply) = futures::join!(
+                    net_tx.expect("tx").connect(),
+                    connect_rx(from_raft.expect("rx"), |m| m),
+                    connect_rx(from_apply.expect("rx"), |m| m),
+                );
+                let shard = Shard::new(i, epoch, backend, settings, to_raft);
+                glommio::spawn_local(shard.clone().run_replies(from_raft)).detach();
+                glommio::spawn_local(shard.clone().run_replies(from_apply)).detach();
+                if i == 0 {
+                    tracing::info!(urls = ?addrs, "ready to serve native clients");
+                }
+                if let Err(e) = network::serve(shard, addrs.clone()).await {
+                    exit_fatal(format!("listen on {addrs:?}: {e}"));
+                }
+            })
+            .map_err(|e| format!("start shard {i}: {e}"))?;
+        handles.push(handle);
+    }
+    for h in handles {
+        h.join().map_err(|e| format!("shard: {e}"))?;
+    }
+    Ok(())
+}

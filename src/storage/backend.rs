@@ -1,0 +1,106 @@
+//! The LMDB environment (heed): MVCC buckets plus `meta`, opened without per-txn fsync
+//! because the WAL is the durability; `sync` is called at checkpoints.
+
+use crate::error::KvError;
+use heed::types::Bytes;
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use std::path::Path;
+
+pub type Db = Database<Bytes, Bytes>;
+
+/// Keys of the `meta` bucket.
+pub mod meta_key {
+    pub const APPLIED_INDEX: &[u8] = b"applied_index";
+    pub const APPLIED_TERM: &[u8] = b"applied_term";
+    pub const CONF_STATE: &[u8] = b"conf_state";
+    pub const REVISION: &[u8] = b"revision";
+    pub const COMPACTED: &[u8] = b"compacted";
+    pub const ALARMS: &[u8] = b"alarms";
+}
+
+#[derive(Clone)]
+pub struct Backend {
+    pub env: Env<WithoutTls>,
+    /// revision (main, sub) -> record, like etcd's `key` bucket.
+    pub kv: Db,
+    /// user key -> latest revision of that key (+ tombstone flag).
+    pub index: Db,
+    pub meta: Db,
+}
+
+impl Backend {
+    /// Opens (creating if needed) the environment in `dir`. `map_size_bytes` bounds the
+    /// file; the quota check keeps the data well below it.
+    pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Backend, KvError> {
+        assert!(map_size_bytes >= 1 << 20, "map size must be at least 1 MiB");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| KvError::Internal(format!("create {}: {e}", dir.display())))?;
+        let page = page_size::get_or_4k();
+        let map_size_bytes = map_size_bytes.div_ceil(page) * page;
+        // SAFETY: the environment is opened once per process; no other code maps the file.
+        let env = unsafe {
+            let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+            opts.map_size(map_size_bytes).max_dbs(8).max_readers(1024);
+            opts.flags(EnvFlags::NO_SYNC);
+            opts.open(dir)?
+        };
+        let mut wtxn = env.write_txn()?;
+        let kv = env.create_database(&mut wtxn, Some("kv"))?;
+        let index = env.create_database(&mut wtxn, Some("index"))?;
+        let meta = env.create_database(&mut wtxn, Some("meta"))?;
+        wtxn.commit()?;
+        Ok(Backend {
+            env,
+            kv,
+            index,
+            meta,
+        })
+    }
+
+    /// Bytes in use (pages up to the last one LMDB allocated): what the quota limits.
+    pub fn size_in_use_bytes(&self) -> u64 {
+        let info = self.env.info();
+        (info.last_page_number as u64 + 1) * page_size::get_or_4k() as u64
+    }
+
+    /// Size of the data file on disk.
+    pub fn file_size_bytes(&self) -> u64 {
+        self.env.real_disk_size().unwrap_or(0)
+    }
+
+    /// Makes every committed txn durable (LMDB runs with NO_SYNC between checkpoints).
+    pub fn sync(&self) -> Result<(), KvError> {
+        self.env.force_sync()?;
+        Ok(())
+    }
+
+    pub fn get_u64(&self, txn: &RoTxn, key: &[u8]) -> Result<u64, KvError> {
+        Ok(match self.meta.get(txn, key)? {
+            Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().unwrap_or([0; 8])),
+            Some(_) => return Err(KvError::Internal(format!("meta {key:?}: bad length"))),
+            None => 0,
+        })
+    }
+
+    pub fn put_u64(&self, txn: &mut RwTxn, key: &[u8], v: u64) -> Result<(), KvError> {
+        self.meta.put(txn, key, &v.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, KvError> {
+        Ok(self.env.read_txn()?)
+    }
+}
+
+/// Page size without another dependency.
+mod page_size {
+    pub fn get_or_4k() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if v > 0 {
+            v as usize
+        } else {
+            4096
+        }
+    }
+}

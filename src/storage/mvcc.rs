@@ -1,0 +1,653 @@
+//! etcd's MVCC on LMDB.
+//!
+//! Layout: `kv` maps revision (main, sub as 16 big-endian bytes) to a [`Record`], like
+//! etcd's `key` bucket; `index` maps each user key to its latest revision. Every record
+//! points at the previous revision of its key, so a read at an older revision walks back
+//! from the latest one: O(1) index updates on the write path, O(versions since R) reads.
+
+use crate::error::KvError;
+use crate::model::*;
+use crate::storage::backend::{meta_key, Backend};
+use heed::{RoTxn, RwTxn};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+
+/// Revision of a fresh store, as etcd (the first write gets revision 2).
+pub const INITIAL_REVISION: i64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Rev {
+    pub main: i64,
+    pub sub: i64,
+}
+
+impl Rev {
+    fn to_key(self) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&(self.main as u64).to_be_bytes());
+        k[8..].copy_from_slice(&(self.sub as u64).to_be_bytes());
+        k
+    }
+    fn from_key(k: &[u8]) -> Result<Rev, KvError> {
+        if k.len() != 16 {
+            return Err(KvError::Internal("kv: bad revision key".into()));
+        }
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(&k[..8]);
+        b.copy_from_slice(&k[8..]);
+        Ok(Rev {
+            main: u64::from_be_bytes(a) as i64,
+            sub: u64::from_be_bytes(b) as i64,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    create_revision: i64,
+    version: i64,
+    lease: i64,
+    tombstone: bool,
+    prev: Option<Rev>,
+}
+
+impl Record {
+    fn to_kv(&self, rev: Rev) -> KeyValue {
+        KeyValue {
+            key: self.key.clone(),
+            create_revision: self.create_revision,
+            mod_revision: rev.main,
+            version: self.version,
+            value: self.value.clone(),
+            lease: self.lease,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct IndexEntry {
+    latest: Rev,
+    tombstone: bool,
+}
+
+impl IndexEntry {
+    fn encode(self) -> [u8; 17] {
+        let mut b = [0u8; 17];
+        b[..16].copy_from_slice(&self.latest.to_key());
+        b[16] = self.tombstone as u8;
+        b
+    }
+    fn decode(b: &[u8]) -> Result<IndexEntry, KvError> {
+        if b.len() != 17 {
+            return Err(KvError::Internal("index: bad entry".into()));
+        }
+        Ok(IndexEntry {
+            latest: Rev::from_key(&b[..16])?,
+            tombstone: b[16] != 0,
+        })
+    }
+}
+
+pub fn current_revision(b: &Backend, txn: &RoTxn) -> Result<i64, KvError> {
+    let r = b.get_u64(txn, meta_key::REVISION)? as i64;
+    Ok(r.max(INITIAL_REVISION))
+}
+
+pub fn compacted_revision(b: &Backend, txn: &RoTxn) -> Result<i64, KvError> {
+    Ok(b.get_u64(txn, meta_key::COMPACTED)? as i64)
+}
+
+pub fn alarms(b: &Backend, txn: &RoTxn) -> Result<Vec<AlarmMember>, KvError> {
+    match b.meta.get(txn, meta_key::ALARMS)? {
+        Some(bytes) => Ok(postcard::from_bytes(bytes)?),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn get_record(b: &Backend, txn: &RoTxn, rev: Rev) -> Result<Option<Record>, KvError> {
+    match b.kv.get(txn, &rev.to_key())? {
+        Some(bytes) => Ok(Some(postcard::from_bytes(bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// The live record of a key at revision `at`, walking back from its latest revision.
+fn resolve(
+    b: &Backend,
+    txn: &RoTxn,
+    entry: IndexEntry,
+    at: i64,
+) -> Result<Option<(Rev, Record)>, KvError> {
+    if entry.latest.main <= at && entry.tombstone {
+        return Ok(None);
+    }
+    let mut rev = entry.latest;
+    // Bounded by the number of revisions of this key, which compaction bounds.
+    for _ in 0..u32::MAX {
+        let Some(rec) = get_record(b, txn, rev)? else {
+            return Ok(None); // history below here was compacted away
+        };
+        if rev.main <= at {
+            return Ok(if rec.tombstone { None } else { Some((rev, rec)) });
+        }
+        match rec.prev {
+            Some(p) => rev = p,
+            None => return Ok(None),
+        }
+    }
+    Err(KvError::Internal("mvcc: revision chain too long".into()))
+}
+
+/// Calls `f` for each index entry with a key in etcd's `[key, end)`; stops when it returns false.
+fn for_each_key(
+    b: &Backend,
+    txn: &RoTxn,
+    key: &[u8],
+    end: &[u8],
+    mut f: impl FnMut(&[u8], IndexEntry) -> Result<bool, KvError>,
+) -> Result<(), KvError> {
+    if end.is_empty() {
+        if let Some(v) = b.index.get(txn, key)? {
+            f(key, IndexEntry::decode(v)?)?;
+        }
+        return Ok(());
+    }
+    let upper = if end == [0] {
+        Bound::Unbounded
+    } else if end <= key {
+        return Ok(()); // empty range
+    } else {
+        Bound::Excluded(end)
+    };
+    let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Included(key), upper);
+    for item in b.index.range(txn, &bounds)? {
+        let (k, v) = item?;
+        if !f(k, IndexEntry::decode(v)?)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Live key-values in `[key, end)` at revision `at`.
+fn live_kvs(
+    b: &Backend,
+    txn: &RoTxn,
+    key: &[u8],
+    end: &[u8],
+    at: i64,
+) -> Result<Vec<(Rev, Record)>, KvError> {
+    let mut out = Vec::new();
+    for_each_key(b, txn, key, end, |_, entry| {
+        if let Some(found) = resolve(b, txn, entry, at)? {
+            out.push(found);
+        }
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Checks a read revision against the store: etcd's compacted / future errors.
+fn check_read_rev(requested: i64, current: i64, compacted: i64) -> Result<i64, KvError> {
+    let at = if requested <= 0 { current } else { requested };
+    if at > current {
+        return Err(KvError::FutureRev);
+    }
+    if requested > 0 && at < compacted {
+        return Err(KvError::Compacted);
+    }
+    Ok(at)
+}
+
+/// etcd's Range. Returns the response and the revision for its header.
+pub fn range(
+    b: &Backend,
+    txn: &RoTxn,
+    req: &RangeRequest,
+) -> Result<(RangeResponse, i64), KvError> {
+    let current = current_revision(b, txn)?;
+    let compacted = compacted_revision(b, txn)?;
+    let at = check_read_rev(req.revision, current, compacted)?;
+    Ok((range_at(b, txn, req, at)?, current))
+}
+
+fn range_at(
+    b: &Backend,
+    txn: &RoTxn,
+    req: &RangeRequest,
+    at: i64,
+) -> Result<RangeResponse, KvError> {
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    // As etcd: sorting and filtering need every key; otherwise fetch limit + 1 for `more`.
+    let fetch_limit = if req.sort_order != SortOrder::None || filtered || req.limit <= 0 {
+        usize::MAX
+    } else {
+        req.limit as usize + 1
+    };
+    let mut count: i64 = 0;
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    for_each_key(b, txn, &req.key, &req.range_end, |_, entry| {
+        // Fast path: at the latest revision the index alone says whether the key is live.
+        if entry.latest.main <= at {
+            if entry.tombstone {
+                return Ok(true);
+            }
+            count += 1;
+            if !req.count_only && kvs.len() < fetch_limit {
+                if let Some(rec) = get_record(b, txn, entry.latest)? {
+                    kvs.push(rec.to_kv(entry.latest));
+                }
+            }
+            return Ok(true);
+        }
+        if let Some((rev, rec)) = resolve(b, txn, entry, at)? {
+            count += 1;
+            if !req.count_only && kvs.len() < fetch_limit {
+                kvs.push(rec.to_kv(rev));
+            }
+        }
+        Ok(true)
+    })?;
+    if req.count_only {
+        return Ok(RangeResponse {
+            kvs: Vec::new(),
+            more: false,
+            count,
+        });
+    }
+    if filtered {
+        kvs.retain(|kv| {
+            (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
+                && (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
+                && (req.min_create_revision == 0 || kv.create_revision >= req.min_create_revision)
+                && (req.max_create_revision == 0 || kv.create_revision <= req.max_create_revision)
+        });
+    }
+    let mut order = req.sort_order;
+    if req.sort_target != SortTarget::Key && order == SortOrder::None {
+        order = SortOrder::Ascend; // etcd: results come key-sorted; other targets default to ascend
+    }
+    if order != SortOrder::None {
+        kvs.sort_by(|a, b| {
+            let ord = match req.sort_target {
+                SortTarget::Key => a.key.cmp(&b.key),
+                SortTarget::Version => a.version.cmp(&b.version),
+                SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                SortTarget::Value => a.value.cmp(&b.value),
+            };
+            if order == SortOrder::Descend {
+                ord.reverse()
+            } else {
+                ord
+            }
+        });
+    }
+    let mut more = false;
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse { kvs, more, count })
+}
+
+fn compare_holds(c: &Compare, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let ord: Ordering = match &c.target {
+        CompareTarget::Version(v) => kv.version.cmp(v),
+        CompareTarget::Create(v) => kv.create_revision.cmp(v),
+        CompareTarget::Mod(v) => kv.mod_revision.cmp(v),
+        CompareTarget::Value(v) => kv.value.as_slice().cmp(v.as_slice()),
+        CompareTarget::Lease(v) => kv.lease.cmp(v),
+    };
+    match c.result {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+/// etcd's applyCompare: every key in the range must satisfy it; a missing key compares
+/// as the zero KeyValue, except that a value compare on a missing key always fails.
+fn eval_compare(b: &Backend, txn: &RoTxn, c: &Compare, at: i64) -> Result<bool, KvError> {
+    let kvs = live_kvs(b, txn, &c.key, &c.range_end, at)?;
+    if kvs.is_empty() {
+        return Ok(!matches!(c.target, CompareTarget::Value(_))
+            && compare_holds(c, &KeyValue::default()));
+    }
+    Ok(kvs
+        .iter()
+        .all(|(rev, rec)| compare_holds(c, &rec.to_kv(*rev))))
+}
+
+/// Applies committed write requests inside one LMDB write transaction (one per batch).
+pub struct Applier<'e> {
+    b: &'e Backend,
+    txn: RwTxn<'e>,
+    revision: i64,
+    compacted: i64,
+    alarms: Vec<AlarmMember>,
+    alarms_dirty: bool,
+}
+
+/// Sub-revision counter of the request being applied.
+struct WriteRev {
+    main: i64,
+    sub: i64,
+}
+
+impl WriteRev {
+    fn next(&mut self) -> Rev {
+        let r = Rev {
+            main: self.main,
+            sub: self.sub,
+        };
+        self.sub += 1;
+        r
+    }
+}
+
+impl<'e> Applier<'e> {
+    pub fn begin(b: &'e Backend) -> Result<Applier<'e>, KvError> {
+        let txn = b.env.write_txn()?;
+        let revision = current_revision(b, &txn)?;
+        let compacted = compacted_revision(b, &txn)?;
+        let alarms = alarms(b, &txn)?;
+        Ok(Applier {
+            b,
+            txn,
+            revision,
+            compacted,
+            alarms,
+            alarms_dirty: false,
+        })
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub fn has_alarm(&self, alarm: AlarmType) -> bool {
+        self.alarms.iter().any(|a| a.alarm == alarm)
+    }
+
+    /// Applies one request atomically: validation happens before any write, so an error
+    /// leaves the store untouched (as etcd checks a txn's puts before running it).
+    pub fn apply(&mut self, req: &WriteRequest) -> Result<WriteResponse, KvError> {
+        if req.may_grow() && self.has_alarm(AlarmType::Nospace) {
+            return Err(KvError::NoSpace);
+        }
+        let mut wr = WriteRev {
+            main: self.revision + 1,
+            sub: 0,
+        };
+        let resp = match req {
+            WriteRequest::Put(p) => {
+                self.check_put(p)?;
+                WriteResponse::Put(self.put(p, &mut wr)?)
+            }
+            WriteRequest::DeleteRange(d) => WriteResponse::DeleteRange(self.delete(d, &mut wr)?),
+            WriteRequest::Txn(t) => WriteResponse::Txn(self.txn(t, &mut wr)?),
+            WriteRequest::Compact(c) => {
+                self.compact(c.revision)?;
+                WriteResponse::Compact
+            }
+            WriteRequest::Alarm(a) => WriteResponse::Alarm(self.alarm(a)),
+        };
+        if wr.sub > 0 {
+            self.revision = wr.main;
+        }
+        Ok(resp)
+    }
+
+    fn check_put(&self, p: &PutRequest) -> Result<(), KvError> {
+        if p.lease != 0 && !p.ignore_lease {
+            return Err(KvError::LeaseNotFound); // no lease exists until leases are built
+        }
+        if p.ignore_value || p.ignore_lease {
+            let live = match self.b.index.get(&self.txn, &p.key)? {
+                Some(v) => !IndexEntry::decode(v)?.tombstone,
+                None => false,
+            };
+            if !live {
+                return Err(KvError::KeyNotFound);
+            }
+        }
+        Ok(())
+    }
+
+    fn index_get(&self, key: &[u8]) -> Result<Option<IndexEntry>, KvError> {
+        match self.b.index.get(&self.txn, key)? {
+            Some(v) => Ok(Some(IndexEntry::decode(v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn write_record(&mut self, rev: Rev, rec: &Record) -> Result<(), KvError> {
+        let bytes = postcard::to_allocvec(rec)?;
+        self.b.kv.put(&mut self.txn, &rev.to_key(), &bytes)?;
+        let entry = IndexEntry {
+            latest: rev,
+            tombstone: rec.tombstone,
+        };
+        self.b.index.put(&mut self.txn, &rec.key, &entry.encode())?;
+        Ok(())
+    }
+
+    fn put(&mut self, p: &PutRequest, wr: &mut WriteRev) -> Result<PutResponse, KvError> {
+        let entry = self.index_get(&p.key)?;
+        let prev = match entry {
+            Some(e) if !e.tombstone => get_record(self.b, &self.txn, e.latest)?.map(|r| (e.latest, r)),
+            _ => None,
+        };
+        let rev = wr.next();
+        let rec = Record {
+            key: p.key.clone(),
+            value: match (&prev, p.ignore_value) {
+                (Some((_, r)), true) => r.value.clone(),
+                _ => p.value.clone(),
+            },
+            create_revision: prev.as_ref().map_or(rev.main, |(_, r)| r.create_revision),
+            version: prev.as_ref().map_or(1, |(_, r)| r.version + 1),
+            lease: match (&prev, p.ignore_lease) {
+                (Some((_, r)), true) => r.lease,
+                _ => p.lease,
+            },
+            tombstone: false,
+            prev: entry.map(|e| e.latest),
+        };
+        self.write_record(rev, &rec)?;
+        Ok(PutResponse {
+            prev_kv: if p.prev_kv {
+                prev.map(|(r, rec)| rec.to_kv(r))
+            } else {
+                None
+            },
+        })
+    }
+
+    fn delete(
+        &mut self,
+        d: &DeleteRangeRequest,
+        wr: &mut WriteRev,
+    ) -> Result<DeleteRangeResponse, KvError> {
+        let live = live_kvs(self.b, &self.txn, &d.key, &d.range_end, i64::MAX)?;
+        let mut resp = DeleteRangeResponse {
+            deleted: live.len() as i64,
+            prev_kvs: Vec::new(),
+        };
+        for (rev, rec) in live {
+            let tomb = Record {
+                key: rec.key.clone(),
+                value: Vec::new(),
+                create_revision: 0,
+                version: 0,
+                lease: 0,
+                tombstone: true,
+                prev: Some(rev),
+            };
+            let at = wr.next();
+            self.write_record(at, &tomb)?;
+            if d.prev_kv {
+                resp.prev_kvs.push(rec.to_kv(rev));
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Checks what etcd checks before running a txn branch: ranges at valid revisions,
+    /// puts with ignore_value/ignore_lease on live keys, leases that exist.
+    fn check_ops(&self, ops: &[RequestOp]) -> Result<(), KvError> {
+        for op in ops {
+            match op {
+                RequestOp::Put(p) => self.check_put(p)?,
+                RequestOp::Range(r) => {
+                    check_read_rev(r.revision, self.revision, self.compacted)?;
+                }
+                RequestOp::DeleteRange(_) => {}
+                RequestOp::Txn(t) => {
+                    // Nested branch is chosen against the same state; check both.
+                    self.check_ops(&t.success)?;
+                    self.check_ops(&t.failure)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn txn(&mut self, t: &TxnRequest, wr: &mut WriteRev) -> Result<TxnResponse, KvError> {
+        let mut succeeded = true;
+        for c in &t.compare {
+            if !eval_compare(self.b, &self.txn, c, self.revision)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded { &t.success } else { &t.failure };
+        self.check_ops(ops)?;
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                RequestOp::Range(r) => {
+                    // Reads inside a txn see the txn's own earlier writes (etcd does too).
+                    let at = if r.revision > 0 { r.revision } else { i64::MAX };
+                    ResponseOp::Range(range_at(self.b, &self.txn, r, at)?)
+                }
+                RequestOp::Put(p) => ResponseOp::Put(self.put(p, wr)?),
+                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete(d, wr)?),
+                RequestOp::Txn(inner) => ResponseOp::Txn(self.txn(inner, wr)?),
+            });
+        }
+        Ok(TxnResponse {
+            succeeded,
+            responses,
+        })
+    }
+
+    /// Removes history below `at`, keeping the latest live version of each key.
+    fn compact(&mut self, at: i64) -> Result<(), KvError> {
+        if at > self.revision {
+            return Err(KvError::FutureRev);
+        }
+        if at <= self.compacted {
+            return Err(KvError::Compacted);
+        }
+        let upper = Rev { main: at + 1, sub: 0 }.to_key();
+        let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Unbounded, Bound::Excluded(&upper));
+        // The latest revision <= at of each key; everything else below `at` goes.
+        let mut latest: HashMap<Vec<u8>, (Rev, bool)> = HashMap::new();
+        let mut doomed: Vec<Rev> = Vec::new();
+        for item in self.b.kv.range(&self.txn, &bounds)? {
+            let (k, v) = item?;
+            let rev = Rev::from_key(k)?;
+            let rec: Record = postcard::from_bytes(v)?;
+            if let Some((old, _)) = latest.insert(rec.key, (rev, rec.tombstone)) {
+                doomed.push(old);
+            }
+        }
+        let mut dead_keys: HashSet<Vec<u8>> = HashSet::new();
+        for (key, (rev, tombstone)) in latest {
+            if tombstone {
+                doomed.push(rev);
+                if self.index_get(&key)?.is_some_and(|e| e.latest == rev) {
+                    dead_keys.insert(key);
+                }
+            }
+        }
+        for rev in doomed {
+            self.b.kv.delete(&mut self.txn, &rev.to_key())?;
+        }
+        for key in dead_keys {
+            self.b.index.delete(&mut self.txn, &key)?;
+        }
+        self.compacted = at;
+        self.b
+            .put_u64(&mut self.txn, meta_key::COMPACTED, at as u64)?;
+        Ok(())
+    }
+
+    fn alarm(&mut self, a: &AlarmRequest) -> Vec<AlarmMember> {
+        let m = AlarmMember {
+            member_id: a.member_id,
+            alarm: a.alarm,
+        };
+        match a.action {
+            AlarmAction::Get => self
+                .alarms
+                .iter()
+                .filter(|x| a.alarm == AlarmType::None || x.alarm == a.alarm)
+                .copied()
+                .collect(),
+            AlarmAction::Activate => {
+                if a.alarm != AlarmType::None && !self.alarms.contains(&m) {
+                    self.alarms.push(m);
+                    self.alarms_dirty = true;
+                }
+                vec![m]
+            }
+            AlarmAction::Deactivate => {
+                let before = self.alarms.len();
+                self.alarms.retain(|x| *x != m);
+                if self.alarms.len() != before {
+                    self.alarms_dirty = true;
+                    vec![m]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    /// Writes the revision, alarms and applied index/term, then commits the batch.
+    pub fn finish(mut self, applied_index: u64, applied_term: u64) -> Result<(), KvError> {
+        let b = self.b;
+        b.put_u64(&mut self.txn, meta_key::REVISION, self.revision as u64)?;
+        b.put_u64(&mut self.txn, meta_key::APPLIED_INDEX, applied_index)?;
+        b.put_u64(&mut self.txn, meta_key::APPLIED_TERM, applied_term)?;
+        if self.alarms_dirty {
+            let bytes = postcard::to_allocvec(&self.alarms)?;
+            b.meta.put(&mut self.txn, meta_key::ALARMS, &bytes)?;
+        }
+        self.txn.commit()?;
+        Ok(())
+    }
+
+    /// Stores the raft conf state with the batch (bootstrap and membership changes).
+    pub fn set_conf_state(&mut self, bytes: &[u8]) -> Result<(), KvError> {
+        self.b.meta.put(&mut self.txn, meta_key::CONF_STATE, bytes)?;
+        Ok(())
+    }
+}
