@@ -18,7 +18,7 @@ fn from_capnp(e: capnp::Error) -> KvError {
 impl Client {
     /// Connects to the first endpoint that accepts (comma-separated, scheme optional).
     pub async fn connect(endpoints: &str) -> Result<Client, KvError> {
-        let addrs = crate::config::parse_urls(endpoints).map_err(KvError::Internal)?;
+        let addrs = crate::config::parse_urls(endpoints).map_err(KvError::Client)?;
         let mut last_err = String::new();
         for addr in addrs {
             match glommio::net::TcpStream::connect(addr.as_str()).await {
@@ -44,7 +44,7 @@ impl Client {
                 Err(e) => last_err = format!("dial {addr}: {e}"),
             }
         }
-        Err(KvError::Internal(format!("grpc: {last_err}").replace("grpc: ", "")))
+        Err(KvError::Client(last_err))
     }
 
     pub async fn range(&self, r: &RangeRequest) -> Result<(Header, RangeResponse), KvError> {

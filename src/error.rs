@@ -47,6 +47,9 @@ pub enum KvError {
     Stopped,
     #[error("etcdserver: {0}")]
     Internal(String),
+    /// Client-side errors (bad arguments, dialing): no server prefix.
+    #[error("{0}")]
+    Client(String),
 }
 
 impl KvError {
@@ -60,6 +63,7 @@ impl KvError {
             LeaseNotFound => Code::NotFound,
             Timeout | Stopped => Code::Unavailable,
             Internal(_) => Code::Internal,
+            Client(_) => Code::InvalidArgument,
         }
     }
 

@@ -1,1 +1,132 @@
-fn main(){}
+//! `corekv`: the server (`corekv serve`) and etcdctl-shaped client verbs in one binary.
+
+use clap::{Parser, Subcommand};
+use corekv::cli::{self, output::Format, AlarmCmd, DelArgs, EndpointCmd, GetArgs, PutArgs};
+use corekv::client::{block_on, Client};
+use corekv::config::ServeConfig;
+use corekv::error::KvError;
+
+#[derive(Parser)]
+#[command(name = "corekv", version, about = "etcd-compatible key-value store (server and client)")]
+struct Cli {
+    /// Native endpoints (comma-separated host:port or URLs).
+    #[arg(long, global = true, env = "COREKV_ENDPOINTS", default_value = "127.0.0.1:2378")]
+    endpoints: String,
+    /// Output format: simple, json or table.
+    #[arg(short = 'w', long = "write-out", global = true, default_value = "simple")]
+    write_out: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the server.
+    Serve(Box<ServeConfig>),
+    /// Puts the given key into the store.
+    Put(PutArgs),
+    /// Gets the key or a range of keys.
+    Get(GetArgs),
+    /// Removes the specified key or range of keys [key, range_end).
+    Del(DelArgs),
+    /// Txn processes all the requests in one transaction (read from standard input).
+    Txn {
+        /// Input the transaction in interactive mode (prompts are not printed).
+        #[arg(short, long)]
+        interactive: bool,
+    },
+    /// Compacts the event history in etcd.
+    Compact {
+        revision: i64,
+        /// Wait for the compaction to physically remove all old revisions.
+        #[arg(long)]
+        physical: bool,
+    },
+    /// Endpoint related commands.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    /// Alarm related commands.
+    #[command(subcommand)]
+    Alarm(AlarmCmd),
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COREKV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("corekv={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() {
+    corekv::config::import_etcd_env();
+    let cli = Cli::parse();
+    let endpoints = cli.endpoints.clone();
+    let format = cli.write_out;
+    let result: Result<String, KvError> = match cli.cmd {
+        Cmd::Serve(cfg) => {
+            init_logging(&cfg.log_level);
+            match corekv::server::run(*cfg) {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    eprintln!("corekv: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Txn { .. } => {
+            let mut input = String::new();
+            match std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+                Ok(_) => run(endpoints.clone(), move |c| async move {
+                    cli::txn(&c, format, &input).await
+                }),
+                Err(e) => Err(KvError::Client(format!("read stdin: {e}"))),
+            }
+        }
+        Cmd::Put(a) => {
+            // Read a missing value from stdin before entering the executor.
+            match cli::put_request(&a) {
+                Ok(req) => {
+                    let a = PutArgs {
+                        value: Some(String::from_utf8_lossy(&req.value).into_owned()),
+                        ..a
+                    };
+                    run(endpoints, move |c| async move { cli::put(&c, format, &a).await })
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Get(a) => run(endpoints, move |c| async move { cli::get(&c, format, &a).await }),
+        Cmd::Del(a) => run(endpoints, move |c| async move { cli::del(&c, format, &a).await }),
+        Cmd::Compact { revision, physical } => run(endpoints, move |c| async move {
+            cli::compact(&c, format, revision, physical).await
+        }),
+        Cmd::Endpoint(EndpointCmd::Status) => {
+            let eps = endpoints.clone();
+            block_on(move || async move { cli::endpoint_status(&eps, format).await })
+                .unwrap_or_else(|e| Err(KvError::Client(e)))
+        }
+        Cmd::Alarm(cmd) => run(endpoints, move |c| async move { cli::alarm(&c, format, &cmd).await }),
+    };
+    match result {
+        Ok(out) => print!("{out}"),
+        Err(e) => {
+            eprintln!("Error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Connects to the endpoints and runs one verb on a client executor.
+fn run<F, Fut>(endpoints: String, f: F) -> Result<String, KvError>
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<String, KvError>> + 'static,
+{
+    block_on(move || async move {
+        let c = Client::connect(&endpoints).await?;
+        f(c).await
+    })
+    .unwrap_or_else(|e| Err(KvError::Client(e)))
+}

@@ -126,6 +126,15 @@ impl Shard {
         }
     }
 
+    /// Reads see at least the term of the last applied entry.
+    fn observe_term(&self, txn: &heed::RoTxn) -> Result<(), KvError> {
+        let applied_term = self
+            .backend
+            .get_u64(txn, crate::storage::backend::meta_key::APPLIED_TERM)?;
+        self.raft_term.set(self.raft_term.get().max(applied_term));
+        Ok(())
+    }
+
     fn header(&self, revision: i64) -> Header {
         Header {
             cluster_id: self.settings.cluster_id,
@@ -152,6 +161,7 @@ impl Shard {
         }
         let txn = self.backend.read_txn()?;
         let (resp, rev) = mvcc::range(&self.backend, &txn, &req)?;
+        self.observe_term(&txn)?;
         Ok((self.header(rev), resp))
     }
 
@@ -209,6 +219,7 @@ impl Shard {
         if req.action == AlarmAction::Get {
             let txn = self.backend.read_txn()?;
             let rev = mvcc::current_revision(&self.backend, &txn)?;
+            self.observe_term(&txn)?;
             let alarms = mvcc::alarms(&self.backend, &txn)?
                 .into_iter()
                 .filter(|a| req.alarm == AlarmType::None || a.alarm == req.alarm)

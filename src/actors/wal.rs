@@ -72,10 +72,14 @@ async fn prepare_segment(dir: PathBuf, seq: u64, size_bytes: u64) -> std::io::Re
     Ok((file, path))
 }
 
+/// Directory fsync on the blocking pool: rare (segment creation), and glommio's
+/// `Directory` cannot open directories on this kernel.
 async fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    let d = glommio::io::Directory::open(dir).await?;
-    d.sync().await?;
-    d.close().await.map_err(|e| std::io::Error::other(e.to_string()))
+    let dir = dir.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || format::sync_dir(&dir))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 impl WalActor {
