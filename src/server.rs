@@ -129,10 +129,87 @@ fn exit_fatal(msg: String) -> ! {
     std::process::exit(1)
 }
 
+/// Takes an exclusive lock on the data dir for the life of the process, so a second
+/// server can never write the same WAL and LMDB.
+fn lock_data_dir(cfg: &ServeConfig) -> Result<std::fs::File, String> {
+    use std::os::unix::io::AsRawFd;
+    let dir = cfg.member_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let path = dir.join("corekv.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "data dir {} is in use by another corekv process",
+            cfg.data_dir.display()
+        ));
+    }
+    Ok(f)
+}
+
+/// Shards bind with SO_REUSEPORT, which would silently share a port with another
+/// process; refuse like etcd ("address already in use") when anything listens there.
+/// (A plain bind probe is too strict: a killed predecessor's orphaned connections
+/// block it.)
+fn probe_listen(addrs: &[String]) -> Result<(), String> {
+    use std::net::{SocketAddr, ToSocketAddrs};
+    let listening: Vec<SocketAddr> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| t.lines().skip(1).filter_map(parse_proc_listen).collect::<Vec<_>>())
+        .collect();
+    for a in addrs {
+        let want: Vec<SocketAddr> = a
+            .to_socket_addrs()
+            .map_err(|e| format!("listen tcp {a}: {e}"))?
+            .collect();
+        for w in &want {
+            let taken = listening.iter().any(|l| {
+                l.port() == w.port()
+                    && (l.ip() == w.ip() || l.ip().is_unspecified() || w.ip().is_unspecified())
+            });
+            if taken {
+                return Err(format!("listen tcp {a}: bind: address already in use"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A LISTEN socket's address from a /proc/net/tcp{,6} line.
+fn parse_proc_listen(line: &str) -> Option<std::net::SocketAddr> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(3) != Some(&"0A") {
+        return None;
+    }
+    let (ip_hex, port_hex) = f.get(1)?.split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    let ip: std::net::IpAddr = match ip_hex.len() {
+        8 => std::net::Ipv4Addr::from(u32::from_str_radix(ip_hex, 16).ok()?.swap_bytes()).into(),
+        32 => {
+            let mut b = [0u8; 16];
+            for (i, chunk) in b.chunks_mut(4).enumerate() {
+                let word = u32::from_str_radix(&ip_hex[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&word.swap_bytes().to_be_bytes());
+            }
+            std::net::Ipv6Addr::from(b).into()
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
 pub fn run(cfg: ServeConfig) -> Result<(), String> {
     cfg.validate()?;
     raise_memlock();
     let addrs = parse_urls(&cfg.listen_native_urls)?;
+    let _lock = lock_data_dir(&cfg)?;
+    probe_listen(&addrs)?;
     let rec = recover(&cfg)?;
     let shards = cfg.shards();
     let cpus = available_cpus();

@@ -53,8 +53,6 @@ pub enum ToWal {
 /// wal -> raft: everything up to ready `number` is fdatasync'ed.
 pub struct Persisted {
     pub number: u64,
-    pub entries: Vec<Entry>,
-    pub hard_state: Option<HardState>,
     pub stats: WalStats,
 }
 

@@ -315,10 +315,12 @@ impl kv::Server for KvService {
     ) -> Result<(), capnp::Error> {
         let _p = self.permit().await?;
         let req = native::read_put_req(params.get()?.get_req()?)?;
+        tracing::trace!(key = ?String::from_utf8_lossy(&req.key), "put in");
         match self.shard.write(WriteRequest::Put(req)).await.map_err(to_capnp)? {
             (h, WriteResponse::Put(r)) => native::write_put_resp(results.get().init_resp(), &h, &r),
             _ => return Err(capnp::Error::failed("unexpected response".into())),
         }
+        tracing::trace!("put out");
         Ok(())
     }
 

@@ -36,6 +36,8 @@ pub struct RaftActor {
     last_persisted_ready: u64,
     /// A later ready with nothing to write, acknowledged once the WAL catches up.
     empty_ready: u64,
+    /// Latest hard state whose only change (the commit index) needed no fsync.
+    pending_hs: Option<::raft::eraftpb::HardState>,
     new_reads: Vec<ReqId>,
     inflight_reads: HashMap<u64, (Vec<ReqId>, u64)>,
     next_read_ctx: u64,
@@ -86,6 +88,7 @@ impl RaftActor {
             last_sent_ready: 0,
             last_persisted_ready: 0,
             empty_ready: 0,
+            pending_hs: None,
             new_reads: Vec::new(),
             inflight_reads: HashMap::new(),
             next_read_ctx: 1,
@@ -153,11 +156,6 @@ impl RaftActor {
             RaftInput::Persisted(p) => {
                 assert!(p.number > self.last_persisted_ready, "persist acks must advance");
                 self.wal_stats = p.stats;
-                let store = self.node.mut_store();
-                store.append(p.entries);
-                if let Some(hs) = p.hard_state {
-                    store.set_hard_state(hs);
-                }
                 self.last_persisted_ready = p.number;
                 self.node.on_persist_ready(p.number);
                 if p.number == self.last_sent_ready && self.empty_ready > p.number {
@@ -246,8 +244,29 @@ impl RaftActor {
             }
             let number = rd.number();
             let entries = rd.take_entries();
-            let hard_state = rd.hs().cloned();
-            let needs_persist = !entries.is_empty() || hard_state.is_some();
+            // raft-rs reads appended entries back from Storage once advance_append_async
+            // moves them out of its unstable log; durability is tracked separately by
+            // on_persist_ready, so committing waits for the WAL regardless.
+            let store = self.node.mut_store();
+            store.append(entries.clone());
+            if let Some(hs) = rd.hs() {
+                store.set_hard_state(hs.clone());
+            }
+            // A commit-index-only change need not be synced (etcd's MustSync): it rides
+            // along with the next write.
+            let needs_persist = !entries.is_empty() || rd.must_sync();
+            let hard_state = match rd.hs().cloned() {
+                Some(hs) if !needs_persist => {
+                    self.pending_hs = Some(hs);
+                    None
+                }
+                Some(hs) => {
+                    self.pending_hs = None;
+                    Some(hs)
+                }
+                None if needs_persist => self.pending_hs.take(),
+                None => None,
+            };
             self.node.advance_append_async(rd);
             if needs_persist {
                 self.last_sent_ready = number;

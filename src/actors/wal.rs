@@ -159,6 +159,7 @@ impl WalActor {
             let mut persisted: Option<Persisted> = None;
             let mut records: Vec<u8> = Vec::new();
             let mut release_below = None;
+            let mut batch_entries = 0u64;
             for m in msgs {
                 match m {
                     ToWal::Persist {
@@ -168,8 +169,6 @@ impl WalActor {
                     } => {
                         let p = persisted.get_or_insert_with(|| Persisted {
                             number,
-                            entries: Vec::new(),
-                            hard_state: None,
                             stats: WalStats::default(),
                         });
                         assert!(number >= p.number, "ready numbers must increase");
@@ -188,10 +187,9 @@ impl WalActor {
                         if let Some(hs) = &hard_state {
                             format::encode_hard_state(&mut records, hs);
                             self.hard_state = hs.clone();
-                            p.hard_state = Some(hs.clone());
                         }
                         self.stats.entries += entries.len() as u64;
-                        p.entries.extend(entries);
+                        batch_entries += entries.len() as u64;
                     }
                     ToWal::Release { index } => release_below = Some(index),
                 }
@@ -205,7 +203,7 @@ impl WalActor {
                 let us = started.elapsed().as_micros() as u64;
                 let _ = self.fsync_us.record(us.max(1));
                 self.stats.batches += 1;
-                self.stats.max_batch = self.stats.max_batch.max(p.entries.len() as u64);
+                self.stats.max_batch = self.stats.max_batch.max(batch_entries);
                 self.stats.fsync_p50_us = self.fsync_us.value_at_quantile(0.5);
                 self.stats.fsync_p99_us = self.fsync_us.value_at_quantile(0.99);
                 p.stats = self.stats;

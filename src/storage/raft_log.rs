@@ -1,5 +1,6 @@
-//! raft-rs `Storage` over the entries the WAL has made durable (kept in memory from the
-//! last checkpoint on). Owned by the raft actor; mutated only through `RawNode::mut_store`.
+//! raft-rs `Storage`: the log from the last checkpoint on, kept in memory. Entries are
+//! appended when a Ready hands them to the WAL (raft-rs tracks which are durable);
+//! owned by the raft actor and mutated only through `RawNode::mut_store`.
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
@@ -9,7 +10,7 @@ pub struct RaftLog {
     hard_state: HardState,
     /// Index/term/conf state of the last checkpoint: entries up to it live only in LMDB.
     snapshot_meta: SnapshotMetadata,
-    /// Durable entries after `snapshot_meta.index`, contiguous.
+    /// Entries after `snapshot_meta.index`, contiguous.
     entries: Vec<Entry>,
 }
 
@@ -48,7 +49,7 @@ impl RaftLog {
         &self.hard_state
     }
 
-    /// Appends durable entries; an entry at an existing index truncates the log there.
+    /// Appends entries; an entry at an existing index truncates the log there.
     pub fn append(&mut self, ents: Vec<Entry>) {
         let Some(first) = ents.first() else { return };
         assert!(first.index > self.snapshot_meta.index, "append below checkpoint");
