@@ -157,6 +157,19 @@ fn lock_data_dir(cfg: &ServeConfig) -> Result<std::fs::File, String> {
 /// (A plain bind probe is too strict: a killed predecessor's orphaned connections
 /// block it.)
 fn probe_listen(addrs: &[String]) -> Result<(), String> {
+    // A just-killed predecessor's listeners linger for a few ms after it is reaped.
+    let mut result = Ok(());
+    for _ in 0..40 {
+        result = probe_listen_once(addrs);
+        if result.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    result
+}
+
+fn probe_listen_once(addrs: &[String]) -> Result<(), String> {
     use std::net::{SocketAddr, ToSocketAddrs};
     let listening: Vec<SocketAddr> = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
