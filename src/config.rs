@@ -46,7 +46,11 @@ pub struct ServeConfig {
     #[arg(long, env = "COREKV_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
     /// URLs to serve the native capnp-rpc protocol on (comma-separated; scheme optional).
-    #[arg(long, env = "COREKV_LISTEN_NATIVE_URLS", default_value = "http://127.0.0.1:2378")]
+    #[arg(
+        long,
+        env = "COREKV_LISTEN_NATIVE_URLS",
+        default_value = "http://127.0.0.1:2378"
+    )]
     pub listen_native_urls: String,
     /// Applied entries between LMDB checkpoints (after which the WAL below is released).
     #[arg(long, env = "COREKV_SNAPSHOT_COUNT", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -82,10 +86,18 @@ pub struct ServeConfig {
     #[arg(long, env = "COREKV_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
     /// Cluster token (member and cluster IDs derive from it, as in etcd).
-    #[arg(long, env = "COREKV_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    #[arg(
+        long,
+        env = "COREKV_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
     pub initial_cluster_token: String,
     /// This member's peer URLs (comma-separated).
-    #[arg(long, env = "COREKV_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "COREKV_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub initial_advertise_peer_urls: String,
     /// WAL segment size in bytes (preallocated and zero-filled).
     #[arg(long, env = "COREKV_WAL_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024, hide = true)]
@@ -117,7 +129,7 @@ impl ServeConfig {
                 return Err(format!("{flag} {v} is not below --cores {shards}"));
             }
         }
-        if self.wal_segment_bytes < (1 << 20) || self.wal_segment_bytes % 4096 != 0 {
+        if self.wal_segment_bytes < (1 << 20) || !self.wal_segment_bytes.is_multiple_of(4096) {
             return Err("--wal-segment-bytes must be a multiple of 4096 and at least 1 MiB".into());
         }
         if self.max_request_bytes > 64 << 20 {

@@ -7,13 +7,27 @@ use corekv::config::ServeConfig;
 use corekv::error::KvError;
 
 #[derive(Parser)]
-#[command(name = "corekv", version, about = "etcd-compatible key-value store (server and client)")]
+#[command(
+    name = "corekv",
+    version,
+    about = "etcd-compatible key-value store (server and client)"
+)]
 struct Cli {
     /// Native endpoints (comma-separated host:port or URLs).
-    #[arg(long, global = true, env = "COREKV_ENDPOINTS", default_value = "127.0.0.1:2378")]
+    #[arg(
+        long,
+        global = true,
+        env = "COREKV_ENDPOINTS",
+        default_value = "127.0.0.1:2378"
+    )]
     endpoints: String,
     /// Output format: simple, json or table.
-    #[arg(short = 'w', long = "write-out", global = true, default_value = "simple")]
+    #[arg(
+        short = 'w',
+        long = "write-out",
+        global = true,
+        default_value = "simple"
+    )]
     write_out: Format,
     #[command(subcommand)]
     cmd: Cmd,
@@ -92,13 +106,22 @@ fn main() {
                         value: Some(String::from_utf8_lossy(&req.value).into_owned()),
                         ..a
                     };
-                    run(endpoints, move |c| async move { cli::put(&c, format, &a).await })
+                    run(
+                        endpoints,
+                        move |c| async move { cli::put(&c, format, &a).await },
+                    )
                 }
                 Err(e) => Err(e),
             }
         }
-        Cmd::Get(a) => run(endpoints, move |c| async move { cli::get(&c, format, &a).await }),
-        Cmd::Del(a) => run(endpoints, move |c| async move { cli::del(&c, format, &a).await }),
+        Cmd::Get(a) => run(
+            endpoints,
+            move |c| async move { cli::get(&c, format, &a).await },
+        ),
+        Cmd::Del(a) => run(
+            endpoints,
+            move |c| async move { cli::del(&c, format, &a).await },
+        ),
         Cmd::Compact { revision, physical } => run(endpoints, move |c| async move {
             cli::compact(&c, format, revision, physical).await
         }),
@@ -107,7 +130,9 @@ fn main() {
             block_on(move || async move { cli::endpoint_status(&eps, format).await })
                 .unwrap_or_else(|e| Err(KvError::Client(e)))
         }
-        Cmd::Alarm(cmd) => run(endpoints, move |c| async move { cli::alarm(&c, format, &cmd).await }),
+        Cmd::Alarm(cmd) => run(endpoints, move |c| async move {
+            cli::alarm(&c, format, &cmd).await
+        }),
     };
     match result {
         Ok(out) => print!("{out}"),

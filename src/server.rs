@@ -62,7 +62,9 @@ fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
             .get_u64(&txn, meta_key::APPLIED_TERM)
             .map_err(|e| e.to_string())?;
         let cs = match backend.meta.get(&txn, meta_key::CONF_STATE) {
-            Ok(Some(b)) => Some(ConfState::parse_from_bytes(b).map_err(|e| format!("meta conf state: {e}"))?),
+            Ok(Some(b)) => {
+                Some(ConfState::parse_from_bytes(b).map_err(|e| format!("meta conf state: {e}"))?)
+            }
             Ok(None) => None,
             Err(e) => return Err(e.to_string()),
         };
@@ -109,8 +111,10 @@ fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
 
 /// First start: a one-voter group of this member, made durable before anything else.
 fn bootstrap(backend: &Backend, member_id: u64) -> Result<ConfState, String> {
-    let mut cs = ConfState::default();
-    cs.voters = vec![member_id];
+    let cs = ConfState {
+        voters: vec![member_id],
+        ..Default::default()
+    };
     let bytes = cs.write_to_bytes().map_err(|e| e.to_string())?;
     let mut txn = backend.env.write_txn().map_err(|e| e.to_string())?;
     backend
@@ -174,7 +178,12 @@ fn probe_listen_once(addrs: &[String]) -> Result<(), String> {
     let listening: Vec<SocketAddr> = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|t| t.lines().skip(1).filter_map(parse_proc_listen).collect::<Vec<_>>())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(parse_proc_listen)
+                .collect::<Vec<_>>()
+        })
         .collect();
     for a in addrs {
         let want: Vec<SocketAddr> = a
@@ -265,8 +274,14 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     heartbeat_ms: cfg.heartbeat_interval,
                     election_ms: cfg.election_timeout,
                 },
-                mb.net_to_raft.iter_mut().map(|p| p.1.take().expect("rx")).collect::<Vec<_>>(),
-                mb.raft_to_net.iter_mut().map(|p| p.0.take().expect("tx")).collect::<Vec<_>>(),
+                mb.net_to_raft
+                    .iter_mut()
+                    .map(|p| p.1.take().expect("rx"))
+                    .collect::<Vec<_>>(),
+                mb.raft_to_net
+                    .iter_mut()
+                    .map(|p| p.0.take().expect("tx"))
+                    .collect::<Vec<_>>(),
                 mb.raft_to_wal.0.take().expect("tx"),
                 mb.wal_to_raft.1.take().expect("rx"),
                 mb.raft_to_apply.0.take().expect("tx"),
@@ -300,7 +315,10 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     applied_term,
                 },
                 mb.raft_to_apply.1.take().expect("rx"),
-                mb.apply_to_net.iter_mut().map(|p| p.0.take().expect("tx")).collect::<Vec<_>>(),
+                mb.apply_to_net
+                    .iter_mut()
+                    .map(|p| p.0.take().expect("tx"))
+                    .collect::<Vec<_>>(),
                 mb.apply_to_raft.0.take().expect("tx"),
             ))
         } else {
@@ -313,10 +331,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             .spawn(move || async move {
                 if let Some((wal_rec, inbox, to_raft, dir, seg_bytes, start_index)) = wal {
                     glommio::spawn_local(async move {
-                        let (inbox, to_raft) = futures::join!(
-                            connect_rx(inbox, |m| m),
-                            to_raft.connect()
-                        );
+                        let (inbox, to_raft) =
+                            futures::join!(connect_rx(inbox, |m| m), to_raft.connect());
                         match WalActor::open(dir, seg_bytes, wal_rec, start_index).await {
                             Ok(actor) => actor.run(inbox, to_raft).await,
                             Err(e) => exit_fatal(format!("wal: open: {e}")),

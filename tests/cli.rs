@@ -24,13 +24,22 @@ fn put_get_del_in_every_format() {
     // A value read from standard input, as etcdctl does when it is omitted.
     let out = s.ctl_stdin(&["put", "fromstdin"], "piped value");
     assert!(out.status.success());
-    assert_eq!(s.ok(&["get", "fromstdin", "--print-value-only"]), "piped value\n");
+    assert_eq!(
+        s.ok(&["get", "fromstdin", "--print-value-only"]),
+        "piped value\n"
+    );
 
     assert_eq!(s.ok(&["get", "foo"]), "foo\nbar2\n");
     assert_eq!(s.ok(&["get", "foo", "--print-value-only"]), "bar2\n");
-    assert_eq!(s.ok(&["get", "foo", "--prefix", "--keys-only"]), "foo\n\nfoo2\n\nfoo3\n\n");
+    assert_eq!(
+        s.ok(&["get", "foo", "--prefix", "--keys-only"]),
+        "foo\n\nfoo2\n\nfoo3\n\n"
+    );
     assert_eq!(s.ok(&["get", "foo", "foo3"]), "foo\nbar2\nfoo2\nx\n");
-    assert_eq!(s.ok(&["get", "foo2", "--from-key", "--keys-only"]), "foo2\n\nfoo3\n\nfromstdin\n\n");
+    assert_eq!(
+        s.ok(&["get", "foo2", "--from-key", "--keys-only"]),
+        "foo2\n\nfoo3\n\nfromstdin\n\n"
+    );
     assert_eq!(s.ok(&["get", "nothere"]), "");
 
     let g = json(&s.ok(&["get", "foo", "-w", "json"]));
@@ -40,7 +49,10 @@ fn put_get_del_in_every_format() {
     assert_eq!(g["kvs"][0]["mod_revision"], 3);
     assert_eq!(g["kvs"][0]["version"], 2);
     assert_eq!(g["count"], 1);
-    assert!(g.get("more").is_none(), "zero values are omitted as in etcd: {g}");
+    assert!(
+        g.get("more").is_none(),
+        "zero values are omitted as in etcd: {g}"
+    );
     // JSON keys come in etcd's order.
     let raw = s.ok(&["get", "foo", "-w", "json"]);
     assert!(raw.starts_with("{\"header\":{\"cluster_id\":"), "{raw}");
@@ -50,25 +62,49 @@ fn put_get_del_in_every_format() {
     assert_eq!(lim["count"], 3);
     assert_eq!(lim["kvs"].as_array().unwrap().len(), 1);
 
-    let desc = s.ok(&["get", "foo", "--prefix", "--keys-only", "--order", "DESCEND"]);
+    let desc = s.ok(&[
+        "get",
+        "foo",
+        "--prefix",
+        "--keys-only",
+        "--order",
+        "DESCEND",
+    ]);
     assert_eq!(desc, "foo3\n\nfoo2\n\nfoo\n\n");
-    let by_mod = s.ok(&["get", "f", "--prefix", "--keys-only", "--sort-by", "MODIFY", "--order", "DESCEND"]);
+    let by_mod = s.ok(&[
+        "get",
+        "f",
+        "--prefix",
+        "--keys-only",
+        "--sort-by",
+        "MODIFY",
+        "--order",
+        "DESCEND",
+    ]);
     assert_eq!(by_mod, "fromstdin\n\nfoo3\n\nfoo2\n\nfoo\n\n");
     let count = json(&s.ok(&["get", "foo", "--prefix", "--count-only", "-w", "json"]));
     assert_eq!(count["count"], 3);
     assert!(count.get("kvs").is_none());
     assert_eq!(s.ok(&["get", "foo", "--rev", "2"]), "foo\nbar\n");
     assert_eq!(s.ok(&["get", "foo", "--consistency", "s"]), "foo\nbar2\n");
-    assert!(s.fails(&["get", "foo", "-w", "table"]).contains("table not supported as output format"));
+    assert!(s
+        .fails(&["get", "foo", "-w", "table"])
+        .contains("table not supported as output format"));
 
     assert_eq!(s.ok(&["del", "foo3"]), "1\n");
     assert_eq!(s.ok(&["del", "nothere"]), "0\n");
-    assert_eq!(s.ok(&["del", "foo", "--prefix", "--prev-kv"]), "2\nfoo\nbar2\nfoo2\nx\n");
+    assert_eq!(
+        s.ok(&["del", "foo", "--prefix", "--prev-kv"]),
+        "2\nfoo\nbar2\nfoo2\nx\n"
+    );
     let d = json(&s.ok(&["del", "fromstdin", "-w", "json"]));
     assert_eq!(d["deleted"], 1);
     assert_eq!(s.ok(&["get", "foo", "--prefix"]), "");
     // History is still there below the deletes.
-    assert_eq!(s.ok(&["get", "foo3", "--rev", "5", "--print-value-only"]), "y\n");
+    assert_eq!(
+        s.ok(&["get", "foo3", "--rev", "5", "--print-value-only"]),
+        "y\n"
+    );
 }
 
 #[test]
@@ -79,14 +115,27 @@ fn txn_compact_status_and_alarm_verbs() {
 
     let txn = "mod(\"k1\") > \"0\"\nvalue(\"k1\") = \"v1\"\n\nput k1 \"new v\"\nget k1\ndel k9\n\nput k1 fail\n\n";
     let out = s.ctl_stdin(&["txn"], txn);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "SUCCESS\n\nOK\n\nk1\nnew v\n\n0\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SUCCESS\n\nOK\n\nk1\nnew v\n\n0\n"
+    );
 
     let fail = "value(\"k1\") = \"nope\"\n\nput k1 x\n\nget k1\nput k2 \"b c\"\n\n";
     let out = s.ctl_stdin(&["txn", "-w", "json"], fail);
     let j = json(&String::from_utf8_lossy(&out.stdout));
-    assert!(j.get("succeeded").is_none(), "failed txn has succeeded omitted: {j}");
-    assert_eq!(j["responses"][0]["Response"]["ResponseRange"]["kvs"][0]["value"], b64("new v"));
+    assert!(
+        j.get("succeeded").is_none(),
+        "failed txn has succeeded omitted: {j}"
+    );
+    assert_eq!(
+        j["responses"][0]["Response"]["ResponseRange"]["kvs"][0]["value"],
+        b64("new v")
+    );
     assert!(j["responses"][1]["Response"]["ResponsePut"].is_object());
     assert_eq!(s.ok(&["get", "k2", "--print-value-only"]), "b c\n");
 
@@ -96,11 +145,22 @@ fn txn_compact_status_and_alarm_verbs() {
 
     // Revisions: k1@2, k1@3 (txn), k2@4.
     assert_eq!(s.ok(&["compact", "3"]), "compacted revision 3\n");
-    assert!(s.fails(&["compact", "3"]).contains("Error: etcdserver: mvcc: required revision has been compacted"));
-    assert!(s.fails(&["compact", "100"]).contains("required revision is a future revision"));
-    assert!(s.fails(&["get", "k1", "--rev", "2"]).contains("required revision has been compacted"));
-    assert!(s.fails(&["get", "k1", "--rev", "100"]).contains("required revision is a future revision"));
-    assert_eq!(s.ok(&["get", "k1", "--rev", "3", "--print-value-only"]), "new v\n");
+    assert!(s
+        .fails(&["compact", "3"])
+        .contains("Error: etcdserver: mvcc: required revision has been compacted"));
+    assert!(s
+        .fails(&["compact", "100"])
+        .contains("required revision is a future revision"));
+    assert!(s
+        .fails(&["get", "k1", "--rev", "2"])
+        .contains("required revision has been compacted"));
+    assert!(s
+        .fails(&["get", "k1", "--rev", "100"])
+        .contains("required revision is a future revision"));
+    assert_eq!(
+        s.ok(&["get", "k1", "--rev", "3", "--print-value-only"]),
+        "new v\n"
+    );
 
     let st = s.ok(&["endpoint", "status"]);
     let cols: Vec<&str> = st.trim_end().split(", ").collect();
@@ -124,7 +184,10 @@ fn txn_compact_status_and_alarm_verbs() {
 
 #[test]
 fn unknown_flags_and_bad_values_exit_nonzero() {
-    let out = std::process::Command::new(BIN).args(["serve", "--no-such-flag"]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--no-such-flag"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
     let out = std::process::Command::new(BIN)
@@ -134,12 +197,21 @@ fn unknown_flags_and_bad_values_exit_nonzero() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"));
     let out = std::process::Command::new(BIN)
-        .args(["serve", "--heartbeat-interval", "500", "--election-timeout", "1000"])
+        .args([
+            "serve",
+            "--heartbeat-interval",
+            "500",
+            "--election-timeout",
+            "1000",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 5 times"));
-    let out = std::process::Command::new(BIN).args(["get"]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["get"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
 }
 
@@ -173,5 +245,8 @@ fn env_vars_configure_the_server_and_flags_win() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(ok, "server configured from env did not come up");
-    assert!(data.join("member/wal").is_dir(), "ETCD_DATA_DIR was honoured");
+    assert!(
+        data.join("member/wal").is_dir(),
+        "ETCD_DATA_DIR was honoured"
+    );
 }

@@ -26,7 +26,8 @@ fn write_until_dead(ep: String, round: usize, stop: Arc<AtomicBool>) -> (Acked, 
         let txns = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
         let mut tasks = Vec::new();
         for t in 0..16usize {
-            let (client, acked, txns, stop) = (client.clone(), acked.clone(), txns.clone(), stop.clone());
+            let (client, acked, txns, stop) =
+                (client.clone(), acked.clone(), txns.clone(), stop.clone());
             tasks.push(glommio::spawn_local(async move {
                 // Bounded: a few thousand writes per task at most.
                 for i in 0..5000usize {
@@ -45,13 +46,19 @@ fn write_until_dead(ep: String, round: usize, stop: Arc<AtomicBool>) -> (Acked, 
                                 })
                             })
                             .collect();
-                        let req = TxnRequest { success: puts, ..Default::default() };
+                        let req = TxnRequest {
+                            success: puts,
+                            ..Default::default()
+                        };
                         match client.txn(&req).await {
                             Ok((h, r)) => {
                                 assert!(r.succeeded);
                                 let mut a = acked.borrow_mut();
                                 for s in ["a", "b", "c"] {
-                                    a.insert(format!("r{round}/txn{n}/{s}"), (format!("v{n}"), h.revision));
+                                    a.insert(
+                                        format!("r{round}/txn{n}/{s}"),
+                                        (format!("v{n}"), h.revision),
+                                    );
                                 }
                                 txns.borrow_mut().push(n);
                             }
@@ -69,7 +76,9 @@ fn write_until_dead(ep: String, round: usize, stop: Arc<AtomicBool>) -> (Acked, 
                         };
                         match client.put(&req).await {
                             Ok((h, _)) => {
-                                acked.borrow_mut().insert(key, (format!("v{n}"), h.revision));
+                                acked
+                                    .borrow_mut()
+                                    .insert(key, (format!("v{n}"), h.revision));
                             }
                             Err(e) => {
                                 eprintln!("writer: {e}");
@@ -106,7 +115,10 @@ fn read_all(ep: &str) -> (HashMap<String, (String, i64)>, i64) {
             .map(|kv| {
                 (
                     String::from_utf8_lossy(&kv.key).into_owned(),
-                    (String::from_utf8_lossy(&kv.value).into_owned(), kv.mod_revision),
+                    (
+                        String::from_utf8_lossy(&kv.value).into_owned(),
+                        kv.mod_revision,
+                    ),
                 )
             })
             .collect();
@@ -134,20 +146,29 @@ fn acknowledged_writes_survive_sigkill() {
         s.kill9();
         stop.store(true, Ordering::Relaxed);
         let (acked, txns) = writer.join().expect("writer thread");
-        assert!(acked.len() > 50, "round {round}: writer made little progress ({})", acked.len());
+        assert!(
+            acked.len() > 50,
+            "round {round}: writer made little progress ({})",
+            acked.len()
+        );
         all_acked.extend(acked);
 
         s.restart();
         let (store, rev) = read_all(&s.endpoint());
         for (k, (v, r)) in &all_acked {
-            let got = store.get(k).unwrap_or_else(|| panic!("round {round}: acknowledged {k} lost"));
+            let got = store
+                .get(k)
+                .unwrap_or_else(|| panic!("round {round}: acknowledged {k} lost"));
             assert_eq!(&got.0, v, "value of {k}");
             assert_eq!(got.1, *r, "revision of {k}");
         }
         // Every txn in the store is whole, acknowledged or not.
         let mut groups: HashMap<String, usize> = HashMap::new();
         for k in store.keys().filter(|k| k.contains("/txn")) {
-            let g = k.rsplit_once('/').map(|(g, _)| g.to_string()).unwrap_or_default();
+            let g = k
+                .rsplit_once('/')
+                .map(|(g, _)| g.to_string())
+                .unwrap_or_default();
             *groups.entry(g).or_default() += 1;
         }
         for (g, n) in groups {
@@ -160,13 +181,21 @@ fn acknowledged_writes_survive_sigkill() {
         // New writes continue above everything seen.
         let out = s.ok(&["put", "after-restart", "x", "-w", "json"]);
         let new_rev = json(&out)["header"]["revision"].as_i64().unwrap();
-        assert!(new_rev > rev, "revision must continue upward: {new_rev} <= {rev}");
+        assert!(
+            new_rev > rev,
+            "revision must continue upward: {new_rev} <= {rev}"
+        );
         last_rev = new_rev;
     }
     // Checkpoints released old segments: the WAL did not keep everything.
     let wal = dir.path().join("d/member/wal");
-    let segs = std::fs::read_dir(&wal).unwrap().filter(|e| {
-        e.as_ref().map(|e| e.file_name().to_string_lossy().ends_with(".wal")).unwrap_or(false)
-    }).count();
+    let segs = std::fs::read_dir(&wal)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .map(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+                .unwrap_or(false)
+        })
+        .count();
     assert!(segs >= 1);
 }

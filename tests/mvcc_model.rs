@@ -54,14 +54,21 @@ impl Model {
         s.insert(key.to_vec(), kv);
     }
     fn delete(s: &mut Snapshot, key: &[u8], end: &[u8]) -> usize {
-        let doomed: Vec<Vec<u8>> = s.keys().filter(|k| in_range(k, key, end)).cloned().collect();
+        let doomed: Vec<Vec<u8>> = s
+            .keys()
+            .filter(|k| in_range(k, key, end))
+            .cloned()
+            .collect();
         for k in &doomed {
             s.remove(k);
         }
         doomed.len()
     }
     fn compare(s: &Snapshot, c: &Compare) -> bool {
-        let kvs: Vec<&KeyValue> = s.values().filter(|kv| in_range(&kv.key, &c.key, &c.range_end)).collect();
+        let kvs: Vec<&KeyValue> = s
+            .values()
+            .filter(|kv| in_range(&kv.key, &c.key, &c.range_end))
+            .collect();
         let holds = |kv: &KeyValue| {
             let ord = match &c.target {
                 CompareTarget::Version(v) => kv.version.cmp(v),
@@ -108,7 +115,9 @@ impl Model {
                             Model::put(&mut s, &p.key, &p.value, main);
                             wrote = true;
                         }
-                        RequestOp::DeleteRange(d) => wrote |= Model::delete(&mut s, &d.key, &d.range_end) > 0,
+                        RequestOp::DeleteRange(d) => {
+                            wrote |= Model::delete(&mut s, &d.key, &d.range_end) > 0
+                        }
                         _ => {}
                     }
                 }
@@ -129,7 +138,13 @@ impl Model {
         }
         Ok(())
     }
-    fn range(&self, key: &[u8], end: &[u8], rev: i64, limit: i64) -> Result<RangeResponse, KvError> {
+    fn range(
+        &self,
+        key: &[u8],
+        end: &[u8],
+        rev: i64,
+        limit: i64,
+    ) -> Result<RangeResponse, KvError> {
         let at = if rev <= 0 { self.rev } else { rev };
         if at > self.rev {
             return Err(KvError::FutureRev);
@@ -144,7 +159,11 @@ impl Model {
             .collect();
         let count = all.len() as i64;
         let more = limit > 0 && all.len() > limit as usize;
-        let kvs = if more { all[..limit as usize].to_vec() } else { all };
+        let kvs = if more {
+            all[..limit as usize].to_vec()
+        } else {
+            all
+        };
         Ok(RangeResponse { kvs, more, count })
     }
 }
@@ -152,7 +171,12 @@ impl Model {
 #[derive(Clone, Debug)]
 enum Op {
     Write(WriteRequest),
-    Range { key: Vec<u8>, end: Vec<u8>, rev_back: i64, limit: i64 },
+    Range {
+        key: Vec<u8>,
+        end: Vec<u8>,
+        rev_back: i64,
+        limit: i64,
+    },
 }
 
 fn key() -> impl Strategy<Value = Vec<u8>> {
@@ -174,27 +198,75 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
 
 fn op() -> impl Strategy<Value = Op> {
     let put = (key(), value()).prop_map(|(k, v)| {
-        Op::Write(WriteRequest::Put(PutRequest { key: k, value: v, ..Default::default() }))
+        Op::Write(WriteRequest::Put(PutRequest {
+            key: k,
+            value: v,
+            ..Default::default()
+        }))
     });
     let del = (key(), end_for()).prop_map(|(k, e)| {
-        Op::Write(WriteRequest::DeleteRange(DeleteRangeRequest { key: k, range_end: e, prev_kv: false }))
+        Op::Write(WriteRequest::DeleteRange(DeleteRangeRequest {
+            key: k,
+            range_end: e,
+            prev_kv: false,
+        }))
     });
-    let txn = (key(), value(), 0i64..3, prop::collection::btree_set(key(), 1..3), value()).prop_map(
-        |(ck, cv, ver, keys, v)| {
+    let txn = (
+        key(),
+        value(),
+        0i64..3,
+        prop::collection::btree_set(key(), 1..3),
+        value(),
+    )
+        .prop_map(|(ck, cv, ver, keys, v)| {
             let compare = vec![
-                Compare { key: ck.clone(), range_end: vec![], target: CompareTarget::Version(ver), result: CompareResult::Greater },
-                Compare { key: ck, range_end: vec![], target: CompareTarget::Value(cv), result: CompareResult::NotEqual },
+                Compare {
+                    key: ck.clone(),
+                    range_end: vec![],
+                    target: CompareTarget::Version(ver),
+                    result: CompareResult::Greater,
+                },
+                Compare {
+                    key: ck,
+                    range_end: vec![],
+                    target: CompareTarget::Value(cv),
+                    result: CompareResult::NotEqual,
+                },
             ];
             let success = keys
                 .into_iter()
-                .map(|k| RequestOp::Put(PutRequest { key: k, value: v.clone(), ..Default::default() }))
+                .map(|k| {
+                    RequestOp::Put(PutRequest {
+                        key: k,
+                        value: v.clone(),
+                        ..Default::default()
+                    })
+                })
                 .collect();
-            let failure = vec![RequestOp::DeleteRange(DeleteRangeRequest { key: b"b".to_vec(), range_end: b"c".to_vec(), prev_kv: false })];
-            Op::Write(WriteRequest::Txn(TxnRequest { compare, success, failure }))
-        },
-    );
-    let compact = (0i64..4).prop_map(|back| Op::Write(WriteRequest::Compact(CompactionRequest { revision: -back, physical: false })));
-    let range = (key(), end_for(), 0i64..6, 0i64..3).prop_map(|(key, end, rev_back, limit)| Op::Range { key, end, rev_back, limit });
+            let failure = vec![RequestOp::DeleteRange(DeleteRangeRequest {
+                key: b"b".to_vec(),
+                range_end: b"c".to_vec(),
+                prev_kv: false,
+            })];
+            Op::Write(WriteRequest::Txn(TxnRequest {
+                compare,
+                success,
+                failure,
+            }))
+        });
+    let compact = (0i64..4).prop_map(|back| {
+        Op::Write(WriteRequest::Compact(CompactionRequest {
+            revision: -back,
+            physical: false,
+        }))
+    });
+    let range =
+        (key(), end_for(), 0i64..6, 0i64..3).prop_map(|(key, end, rev_back, limit)| Op::Range {
+            key,
+            end,
+            rev_back,
+            limit,
+        });
     prop_oneof![3 => put, 2 => del, 2 => txn, 1 => compact, 3 => range]
 }
 

@@ -97,9 +97,15 @@ impl ApplyActor {
         }
     }
 
-    fn apply(&mut self, entries: Vec<::raft::eraftpb::Entry>) -> Vec<(ReqId, Header, Result<WriteResponse, KvError>)> {
+    fn apply(
+        &mut self,
+        entries: Vec<::raft::eraftpb::Entry>,
+    ) -> Vec<(ReqId, Header, Result<WriteResponse, KvError>)> {
         let first = entries[0].index;
-        assert!(first <= self.applied_index + 1, "committed entries must not skip indexes");
+        assert!(
+            first <= self.applied_index + 1,
+            "committed entries must not skip indexes"
+        );
         let mut replies = Vec::new();
         let mut applier = Applier::begin(&self.backend).unwrap_or_else(|e| fatal(e));
         let mut last = (self.applied_index, self.applied_term);
@@ -132,9 +138,7 @@ impl ApplyActor {
                 replies.push((proposal.id, header, result));
             }
         }
-        applier
-            .finish(last.0, last.1)
-            .unwrap_or_else(|e| fatal(e));
+        applier.finish(last.0, last.1).unwrap_or_else(|e| fatal(e));
         self.applied_index = last.0;
         self.applied_term = last.1;
         replies

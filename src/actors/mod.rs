@@ -60,7 +60,10 @@ pub struct Persisted {
 pub enum ToApply {
     Committed(Vec<Entry>),
     /// Answer these linearizable reads once `index` is applied.
-    ReadBarrier { index: u64, ids: Vec<ReqId> },
+    ReadBarrier {
+        index: u64,
+        ids: Vec<ReqId>,
+    },
 }
 
 /// apply -> raft
@@ -98,15 +101,18 @@ pub async fn connect_rx<T: Send + 'static, U: 'static>(
     Box::pin(rx.map(f))
 }
 
+/// Both ends of one bounded SPSC mailbox, each taken by the shard that uses it.
+pub type Mailbox<T> = (Option<SharedSender<T>>, Option<SharedReceiver<T>>);
+
 /// Channel endpoints created up front and moved into the shards that own them.
 pub struct Mailboxes {
-    pub net_to_raft: Vec<(Option<SharedSender<ToRaft>>, Option<SharedReceiver<ToRaft>>)>,
-    pub raft_to_net: Vec<(Option<SharedSender<ToNet>>, Option<SharedReceiver<ToNet>>)>,
-    pub apply_to_net: Vec<(Option<SharedSender<ToNet>>, Option<SharedReceiver<ToNet>>)>,
-    pub raft_to_wal: (Option<SharedSender<ToWal>>, Option<SharedReceiver<ToWal>>),
-    pub wal_to_raft: (Option<SharedSender<Persisted>>, Option<SharedReceiver<Persisted>>),
-    pub raft_to_apply: (Option<SharedSender<ToApply>>, Option<SharedReceiver<ToApply>>),
-    pub apply_to_raft: (Option<SharedSender<ApplyToRaft>>, Option<SharedReceiver<ApplyToRaft>>),
+    pub net_to_raft: Vec<Mailbox<ToRaft>>,
+    pub raft_to_net: Vec<Mailbox<ToNet>>,
+    pub apply_to_net: Vec<Mailbox<ToNet>>,
+    pub raft_to_wal: Mailbox<ToWal>,
+    pub wal_to_raft: Mailbox<Persisted>,
+    pub raft_to_apply: Mailbox<ToApply>,
+    pub apply_to_raft: Mailbox<ApplyToRaft>,
 }
 
 /// Mailbox capacities (messages). The raft actor keeps at most `MAX_INFLIGHT_PERSISTS`
@@ -117,7 +123,7 @@ pub const WAL_MAILBOX: usize = 256;
 pub const MAX_INFLIGHT_PERSISTS: u64 = 128;
 pub const APPLY_MAILBOX: usize = 1024;
 
-fn pair<T: Send>(cap: usize) -> (Option<SharedSender<T>>, Option<SharedReceiver<T>>) {
+fn pair<T: Send>(cap: usize) -> Mailbox<T> {
     let (s, r) = shared_channel::new_bounded(cap);
     (Some(s), Some(r))
 }

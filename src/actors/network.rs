@@ -83,7 +83,9 @@ impl Shard {
                         self.resolve(id, Reply::Written(h, r));
                     }
                 }
-                ToNet::ReadReady(ids) => ids.into_iter().for_each(|id| self.resolve(id, Reply::ReadReady)),
+                ToNet::ReadReady(ids) => ids
+                    .into_iter()
+                    .for_each(|id| self.resolve(id, Reply::ReadReady)),
                 ToNet::Failed(ids, e) => ids
                     .into_iter()
                     .for_each(|id| self.resolve(id, Reply::Failed(e.clone()))),
@@ -316,7 +318,12 @@ impl kv::Server for KvService {
         let _p = self.permit().await?;
         let req = native::read_put_req(params.get()?.get_req()?)?;
         tracing::trace!(key = ?String::from_utf8_lossy(&req.key), "put in");
-        match self.shard.write(WriteRequest::Put(req)).await.map_err(to_capnp)? {
+        match self
+            .shard
+            .write(WriteRequest::Put(req))
+            .await
+            .map_err(to_capnp)?
+        {
             (h, WriteResponse::Put(r)) => native::write_put_resp(results.get().init_resp(), &h, &r),
             _ => return Err(capnp::Error::failed("unexpected response".into())),
         }
@@ -354,7 +361,12 @@ impl kv::Server for KvService {
         let req = native::read_txn_req(params.get()?.get_req()?)?;
         // Every txn, read-only ones too, is ordered through raft (etcd serves read-only
         // txns via ReadIndex; doing so here is a later optimisation).
-        match self.shard.write(WriteRequest::Txn(req)).await.map_err(to_capnp)? {
+        match self
+            .shard
+            .write(WriteRequest::Txn(req))
+            .await
+            .map_err(to_capnp)?
+        {
             (h, WriteResponse::Txn(r)) => native::write_txn_resp(results.get().init_resp(), &h, &r),
             _ => return Err(capnp::Error::failed("unexpected response".into())),
         }

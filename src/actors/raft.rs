@@ -76,7 +76,14 @@ impl RaftActor {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut node = RawNode::new(&cfg, setup.log, &logger)?;
         // A one-voter group need not wait out an election timeout to lead.
-        let voters = node.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+        let voters = node
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .collect::<Vec<_>>();
         if voters == vec![setup.id] {
             node.campaign()?;
         }
@@ -154,7 +161,10 @@ impl RaftActor {
                 }
             }
             RaftInput::Persisted(p) => {
-                assert!(p.number > self.last_persisted_ready, "persist acks must advance");
+                assert!(
+                    p.number > self.last_persisted_ready,
+                    "persist acks must advance"
+                );
                 self.wal_stats = p.stats;
                 self.last_persisted_ready = p.number;
                 self.node.on_persist_ready(p.number);
@@ -194,7 +204,7 @@ impl RaftActor {
             let age = now - issued;
             if age >= READ_TIMEOUT_TICKS {
                 expired.push(*ctx);
-            } else if age % READ_RETRY_TICKS == 0 && age > 0 {
+            } else if age.is_multiple_of(READ_RETRY_TICKS) && age > 0 {
                 assert!(!ids.is_empty());
                 self.node.read_index(ctx.to_be_bytes().to_vec());
             }
@@ -239,7 +249,13 @@ impl RaftActor {
                 }
             }
             let committed = rd.take_committed_entries();
-            if !committed.is_empty() && self.to_apply.send(ToApply::Committed(committed)).await.is_err() {
+            if !committed.is_empty()
+                && self
+                    .to_apply
+                    .send(ToApply::Committed(committed))
+                    .await
+                    .is_err()
+            {
                 return;
             }
             let number = rd.number();

@@ -281,7 +281,11 @@ fn read_txn_req_at(r: w::txn_request::Reader, depth: u32) -> R<TxnRequest> {
         return Err(Error::failed("etcdserver: txn nested too deeply".into()));
     }
     Ok(TxnRequest {
-        compare: r.get_compare()?.iter().map(read_compare).collect::<R<_>>()?,
+        compare: r
+            .get_compare()?
+            .iter()
+            .map(read_compare)
+            .collect::<R<_>>()?,
         success: r
             .get_success()?
             .iter()

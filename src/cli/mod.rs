@@ -104,10 +104,15 @@ fn range_end_for(
     from_key: bool,
 ) -> Result<Vec<u8>, KvError> {
     if prefix && from_key {
-        return Err(bad_args("`--prefix` and `--from-key` cannot be set at the same time, choose one".into()));
+        return Err(bad_args(
+            "`--prefix` and `--from-key` cannot be set at the same time, choose one".into(),
+        ));
     }
     if (prefix || from_key) && end.is_some() {
-        return Err(bad_args("too many arguments, only accept one argument when `--prefix` or `--from-key` is set".into()));
+        return Err(bad_args(
+            "too many arguments, only accept one argument when `--prefix` or `--from-key` is set"
+                .into(),
+        ));
     }
     Ok(if prefix {
         if key.is_empty() {

@@ -72,7 +72,11 @@ fn kv_json(kv: &KeyValue) -> Value {
 fn range_json(h: Value, r: &RangeResponse) -> Value {
     let mut m = Map::new();
     m.insert("header".into(), h);
-    put_nz(&mut m, "kvs", Value::Array(r.kvs.iter().map(kv_json).collect()));
+    put_nz(
+        &mut m,
+        "kvs",
+        Value::Array(r.kvs.iter().map(kv_json).collect()),
+    );
     put_nz(&mut m, "more", json!(r.more));
     put_nz(&mut m, "count", json!(r.count));
     Value::Object(m)
@@ -91,7 +95,11 @@ fn del_json(h: Value, r: &DeleteRangeResponse) -> Value {
     let mut m = Map::new();
     m.insert("header".into(), h);
     put_nz(&mut m, "deleted", json!(r.deleted));
-    put_nz(&mut m, "prev_kvs", Value::Array(r.prev_kvs.iter().map(kv_json).collect()));
+    put_nz(
+        &mut m,
+        "prev_kvs",
+        Value::Array(r.prev_kvs.iter().map(kv_json).collect()),
+    );
     Value::Object(m)
 }
 
@@ -176,7 +184,11 @@ pub fn txn(f: Format, h: &Header, r: &TxnResponse) -> Result<String, KvError> {
         Format::Json => Ok(txn_json(header_json(h), r, h).to_string() + "\n"),
         Format::Table => Err(no_table()),
         Format::Simple => {
-            let mut out = String::from(if r.succeeded { "SUCCESS\n" } else { "FAILURE\n" });
+            let mut out = String::from(if r.succeeded {
+                "SUCCESS\n"
+            } else {
+                "FAILURE\n"
+            });
             for op in &r.responses {
                 out.push('\n');
                 match op {
@@ -230,10 +242,7 @@ pub fn endpoint_status(f: Format, rows: &[(String, Header, Status)]) -> Result<S
         ]
     };
     match f {
-        Format::Simple => Ok(rows
-            .iter()
-            .map(|r| cells(r).join(", ") + "\n")
-            .collect()),
+        Format::Simple => Ok(rows.iter().map(|r| cells(r).join(", ") + "\n").collect()),
         Format::Json => {
             let list: Vec<Value> = rows
                 .iter()
@@ -309,7 +318,12 @@ fn table(header: &[String], rows: &[Vec<String>]) -> String {
     for (h, w) in header.iter().zip(&widths) {
         let pad = w - h.chars().count();
         let left = pad / 2 + pad % 2;
-        out.push_str(&format!(" {}{}{} |", " ".repeat(left), h, " ".repeat(pad - left)));
+        out.push_str(&format!(
+            " {}{}{} |",
+            " ".repeat(left),
+            h,
+            " ".repeat(pad - left)
+        ));
     }
     out.push('\n');
     out.push_str(&sep);

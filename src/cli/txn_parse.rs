@@ -91,7 +91,11 @@ fn parse_compare(line: &str) -> Result<Compare, KvError> {
         "!=" => CompareResult::NotEqual,
         "<" => CompareResult::Less,
         ">" => CompareResult::Greater,
-        _ => return Err(err(format!("malformed comparison: {line} (unknown op {op})"))),
+        _ => {
+            return Err(err(format!(
+                "malformed comparison: {line} (unknown op {op})"
+            )))
+        }
     };
     let num = || {
         val.parse::<i64>()
@@ -103,7 +107,11 @@ fn parse_compare(line: &str) -> Result<Compare, KvError> {
         "m" | "mod" => CompareTarget::Mod(num()?),
         "val" | "value" => CompareTarget::Value(val.as_bytes().to_vec()),
         "lease" => CompareTarget::Lease(i64::from_str_radix(val, 16).or_else(|_| num())?),
-        other => return Err(err(format!("malformed comparison: {line} (unknown target {other})"))),
+        other => {
+            return Err(err(format!(
+                "malformed comparison: {line} (unknown target {other})"
+            )))
+        }
     };
     Ok(Compare {
         key: key.into_bytes(),
@@ -120,7 +128,9 @@ fn parse_op(line: &str) -> Result<RequestOp, KvError> {
     Ok(match parsed.op {
         Op::Put(a) => {
             if a.value.is_none() && !a.ignore_value {
-                return Err(err(format!("invalid txn request op {line:?}: put needs a value")));
+                return Err(err(format!(
+                    "invalid txn request op {line:?}: put needs a value"
+                )));
             }
             RequestOp::Put(put_request(&a)?)
         }
@@ -145,9 +155,18 @@ pub fn parse(input: &str) -> Result<TxnRequest, KvError> {
         sections[i].push(line);
     }
     Ok(TxnRequest {
-        compare: sections[0].iter().map(|l| parse_compare(l)).collect::<Result<_, _>>()?,
-        success: sections[1].iter().map(|l| parse_op(l)).collect::<Result<_, _>>()?,
-        failure: sections[2].iter().map(|l| parse_op(l)).collect::<Result<_, _>>()?,
+        compare: sections[0]
+            .iter()
+            .map(|l| parse_compare(l))
+            .collect::<Result<_, _>>()?,
+        success: sections[1]
+            .iter()
+            .map(|l| parse_op(l))
+            .collect::<Result<_, _>>()?,
+        failure: sections[2]
+            .iter()
+            .map(|l| parse_op(l))
+            .collect::<Result<_, _>>()?,
     })
 }
 

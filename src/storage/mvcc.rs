@@ -132,7 +132,11 @@ fn resolve(
             return Ok(None); // history below here was compacted away
         };
         if rev.main <= at {
-            return Ok(if rec.tombstone { None } else { Some((rev, rec)) });
+            return Ok(if rec.tombstone {
+                None
+            } else {
+                Some((rev, rec))
+            });
         }
         match rec.prev {
             Some(p) => rev = p,
@@ -325,8 +329,9 @@ fn compare_holds(c: &Compare, kv: &KeyValue) -> bool {
 fn eval_compare(b: &Backend, txn: &RoTxn, c: &Compare, at: i64) -> Result<bool, KvError> {
     let kvs = live_kvs(b, txn, &c.key, &c.range_end, at)?;
     if kvs.is_empty() {
-        return Ok(!matches!(c.target, CompareTarget::Value(_))
-            && compare_holds(c, &KeyValue::default()));
+        return Ok(
+            !matches!(c.target, CompareTarget::Value(_)) && compare_holds(c, &KeyValue::default())
+        );
     }
     Ok(kvs
         .iter()
@@ -450,7 +455,9 @@ impl<'e> Applier<'e> {
     fn put(&mut self, p: &PutRequest, wr: &mut WriteRev) -> Result<PutResponse, KvError> {
         let entry = self.index_get(&p.key)?;
         let prev = match entry {
-            Some(e) if !e.tombstone => get_record(self.b, &self.txn, e.latest)?.map(|r| (e.latest, r)),
+            Some(e) if !e.tombstone => {
+                get_record(self.b, &self.txn, e.latest)?.map(|r| (e.latest, r))
+            }
             _ => None,
         };
         let rev = wr.next();
@@ -565,7 +572,11 @@ impl<'e> Applier<'e> {
         if at <= self.compacted {
             return Err(KvError::Compacted);
         }
-        let upper = Rev { main: at + 1, sub: 0 }.to_key();
+        let upper = Rev {
+            main: at + 1,
+            sub: 0,
+        }
+        .to_key();
         let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Unbounded, Bound::Excluded(&upper));
         // The latest revision <= at of each key; everything else below `at` goes.
         let mut latest: HashMap<Vec<u8>, (Rev, bool)> = HashMap::new();
@@ -647,7 +658,9 @@ impl<'e> Applier<'e> {
 
     /// Stores the raft conf state with the batch (bootstrap and membership changes).
     pub fn set_conf_state(&mut self, bytes: &[u8]) -> Result<(), KvError> {
-        self.b.meta.put(&mut self.txn, meta_key::CONF_STATE, bytes)?;
+        self.b
+            .meta
+            .put(&mut self.txn, meta_key::CONF_STATE, bytes)?;
         Ok(())
     }
 }

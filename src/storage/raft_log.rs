@@ -22,16 +22,20 @@ impl RaftLog {
         hard_state: HardState,
         entries: Vec<Entry>,
     ) -> RaftLog {
-        let mut meta = SnapshotMetadata::default();
-        meta.index = checkpoint_index;
-        meta.term = checkpoint_term;
-        meta.set_conf_state(conf_state);
+        let meta = SnapshotMetadata {
+            index: checkpoint_index,
+            term: checkpoint_term,
+            conf_state: Some(conf_state).into(),
+            ..Default::default()
+        };
         let entries: Vec<Entry> = entries
             .into_iter()
             .filter(|e| e.index > checkpoint_index)
             .collect();
         assert!(
-            entries.first().is_none_or(|e| e.index == checkpoint_index + 1),
+            entries
+                .first()
+                .is_none_or(|e| e.index == checkpoint_index + 1),
             "raft log must continue right after the checkpoint"
         );
         RaftLog {
@@ -52,13 +56,17 @@ impl RaftLog {
     /// Appends entries; an entry at an existing index truncates the log there.
     pub fn append(&mut self, ents: Vec<Entry>) {
         let Some(first) = ents.first() else { return };
-        assert!(first.index > self.snapshot_meta.index, "append below checkpoint");
+        assert!(
+            first.index > self.snapshot_meta.index,
+            "append below checkpoint"
+        );
         let keep = self.entries.partition_point(|e| e.index < first.index);
         self.entries.truncate(keep);
         assert!(
             self.entries
                 .last()
-                .map_or(first.index == self.snapshot_meta.index + 1, |l| l.index + 1 == first.index),
+                .map_or(first.index == self.snapshot_meta.index + 1, |l| l.index + 1
+                    == first.index),
             "appended entries must be contiguous"
         );
         self.entries.extend(ents);

@@ -125,7 +125,10 @@ pub fn segment_name(seq: u64, first_index: u64) -> String {
 fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
     let stem = name.strip_suffix(".wal")?;
     let (a, b) = stem.split_once('-')?;
-    Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+    Some((
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    ))
 }
 
 /// Segments in `dir`, ordered by sequence number (which must have no gaps).
@@ -247,8 +250,8 @@ fn apply_record(
             rec.entries.push(e);
         }
         k if k == RecordType::HardState as u8 => {
-            let hs =
-                HardState::parse_from_bytes(payload).map_err(|e| corrupt(format!("hard state: {e}")))?;
+            let hs = HardState::parse_from_bytes(payload)
+                .map_err(|e| corrupt(format!("hard state: {e}")))?;
             rec.hard_state = Some(hs);
         }
         other => return Err(corrupt(format!("unknown record type {other}"))),
@@ -303,7 +306,8 @@ pub fn write_zeroed(path: &Path, size_bytes: u64) -> Result<(), WalError> {
     let mut left = size_bytes;
     while left > 0 {
         let n = (left as usize).min(zeros.len());
-        f.write_all(&zeros[..n]).map_err(|e| io_err("write", path, e))?;
+        f.write_all(&zeros[..n])
+            .map_err(|e| io_err("write", path, e))?;
         left -= n as u64;
     }
     f.sync_all().map_err(|e| io_err("sync", path, e))
@@ -314,11 +318,12 @@ mod tests {
     use super::*;
 
     fn entry(i: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = i;
-        e.term = 1;
-        e.data = vec![i as u8; 13].into();
-        e
+        Entry {
+            index: i,
+            term: 1,
+            data: vec![i as u8; 13].into(),
+            ..Default::default()
+        }
     }
 
     fn write_log(dir: &Path, n: u64) -> (PathBuf, Vec<usize>) {
@@ -356,7 +361,8 @@ mod tests {
         // A flipped byte in the middle refuses, naming file and offset.
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, starts[3] as u64 + 12).unwrap();
-        f.write_all_at(&[b[0] ^ 0x40], starts[3] as u64 + 12).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], starts[3] as u64 + 12)
+            .unwrap();
         let err = recover(dir.path()).unwrap_err().to_string();
         assert!(err.contains(&format!("offset {}", starts[3])), "{err}");
         assert!(err.contains(".wal"), "{err}");
