@@ -351,7 +351,11 @@ mod tests {
 
         // Torn tail: the last record loses its second half.
         use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         f.write_all_at(&[0u8; 12], starts[9] as u64 + 10).unwrap();
         let r = recover(dir.path()).unwrap();
         assert_eq!(r.entries.len(), 9);
