@@ -99,6 +99,15 @@ pub struct ServeConfig {
         default_value = "http://localhost:2380"
     )]
     pub initial_advertise_peer_urls: String,
+    /// How WAL batches are made durable: `dsync` (segments opened O_DSYNC: each batch's
+    /// write is durable when it completes, one I/O) or `fdatasync` (write, then
+    /// fdatasync). Both sync once per group-commit batch.
+    #[arg(long, env = "COREKV_WAL_SYNC", default_value = "dsync", value_parser = ["dsync", "fdatasync"])]
+    pub wal_sync: String,
+    /// Microseconds an idle shard polls before parking (0 = park at once). Trades CPU
+    /// for wake-up latency; off by default because servers share machines.
+    #[arg(long, env = "COREKV_SPIN_BEFORE_PARK_US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub spin_before_park_us: u64,
     /// WAL segment size in bytes (preallocated and zero-filled).
     #[arg(long, env = "COREKV_WAL_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024, hide = true)]
     pub wal_segment_bytes: u64,

@@ -155,3 +155,6 @@ where
     })
     .unwrap_or_else(|e| Err(KvError::Client(e)))
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -297,6 +297,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                 mb.wal_to_raft.0.take().expect("tx"),
                 cfg.wal_path(),
                 cfg.wal_segment_bytes,
+                crate::actors::wal::SyncMode::parse(&cfg.wal_sync),
                 rec.applied_index + 1,
             ))
         } else {
@@ -325,15 +326,19 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             None
         };
         let heartbeat_ms = cfg.heartbeat_interval;
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("corekv-shard-{i}"))
-            .io_memory(IO_MEMORY_BYTES)
+            .io_memory(IO_MEMORY_BYTES);
+        if cfg.spin_before_park_us > 0 {
+            builder = builder.spin_before_park(Duration::from_micros(cfg.spin_before_park_us));
+        }
+        let handle = builder
             .spawn(move || async move {
-                if let Some((wal_rec, inbox, to_raft, dir, seg_bytes, start_index)) = wal {
+                if let Some((wal_rec, inbox, to_raft, dir, seg_bytes, sync, start_index)) = wal {
                     glommio::spawn_local(async move {
                         let (inbox, to_raft) =
                             futures::join!(connect_rx(inbox, |m| m), to_raft.connect());
-                        match WalActor::open(dir, seg_bytes, wal_rec, start_index).await {
+                        match WalActor::open(dir, seg_bytes, sync, wal_rec, start_index).await {
                             Ok(actor) => actor.run(inbox, to_raft).await,
                             Err(e) => exit_fatal(format!("wal: open: {e}")),
                         }

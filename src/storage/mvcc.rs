@@ -68,27 +68,45 @@ impl Record {
     }
 }
 
+/// The key's latest revision, plus the live generation's create revision and version
+/// so a put need not read the previous record.
 #[derive(Clone, Copy, Debug)]
 struct IndexEntry {
     latest: Rev,
     tombstone: bool,
+    create_revision: i64,
+    version: i64,
 }
 
+const INDEX_ENTRY_BYTES: usize = 33;
+
 impl IndexEntry {
-    fn encode(self) -> [u8; 17] {
-        let mut b = [0u8; 17];
+    fn encode(self) -> [u8; INDEX_ENTRY_BYTES] {
+        let mut b = [0u8; INDEX_ENTRY_BYTES];
         b[..16].copy_from_slice(&self.latest.to_key());
         b[16] = self.tombstone as u8;
+        b[17..25].copy_from_slice(&self.create_revision.to_be_bytes());
+        b[25..33].copy_from_slice(&self.version.to_be_bytes());
         b
     }
     fn decode(b: &[u8]) -> Result<IndexEntry, KvError> {
-        if b.len() != 17 {
+        if b.len() != INDEX_ENTRY_BYTES {
             return Err(KvError::Internal("index: bad entry".into()));
         }
+        let i64_at = |at: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[at..at + 8]);
+            i64::from_be_bytes(x)
+        };
         Ok(IndexEntry {
             latest: Rev::from_key(&b[..16])?,
             tombstone: b[16] != 0,
+            create_revision: i64_at(17),
+            version: i64_at(25),
         })
+    }
+    fn live(self) -> Option<IndexEntry> {
+        (!self.tombstone).then_some(self)
     }
 }
 
@@ -447,6 +465,8 @@ impl<'e> Applier<'e> {
         let entry = IndexEntry {
             latest: rev,
             tombstone: rec.tombstone,
+            create_revision: rec.create_revision,
+            version: rec.version,
         };
         self.b.index.put(&mut self.txn, &rec.key, &entry.encode())?;
         Ok(())
@@ -454,8 +474,10 @@ impl<'e> Applier<'e> {
 
     fn put(&mut self, p: &PutRequest, wr: &mut WriteRev) -> Result<PutResponse, KvError> {
         let entry = self.index_get(&p.key)?;
-        let prev = match entry {
-            Some(e) if !e.tombstone => {
+        let live = entry.and_then(IndexEntry::live);
+        // The previous record is read only when the request needs its contents.
+        let prev = match live {
+            Some(e) if p.prev_kv || p.ignore_value || p.ignore_lease => {
                 get_record(self.b, &self.txn, e.latest)?.map(|r| (e.latest, r))
             }
             _ => None,
@@ -467,8 +489,8 @@ impl<'e> Applier<'e> {
                 (Some((_, r)), true) => r.value.clone(),
                 _ => p.value.clone(),
             },
-            create_revision: prev.as_ref().map_or(rev.main, |(_, r)| r.create_revision),
-            version: prev.as_ref().map_or(1, |(_, r)| r.version + 1),
+            create_revision: live.map_or(rev.main, |e| e.create_revision),
+            version: live.map_or(1, |e| e.version + 1),
             lease: match (&prev, p.ignore_lease) {
                 (Some((_, r)), true) => r.lease,
                 _ => p.lease,
@@ -491,14 +513,26 @@ impl<'e> Applier<'e> {
         d: &DeleteRangeRequest,
         wr: &mut WriteRev,
     ) -> Result<DeleteRangeResponse, KvError> {
-        let live = live_kvs(self.b, &self.txn, &d.key, &d.range_end, i64::MAX)?;
+        // Live keys from the index alone; records are read only for prev_kv.
+        let mut live: Vec<(Vec<u8>, Rev)> = Vec::new();
+        for_each_key(self.b, &self.txn, &d.key, &d.range_end, |k, e| {
+            if !e.tombstone {
+                live.push((k.to_vec(), e.latest));
+            }
+            Ok(true)
+        })?;
         let mut resp = DeleteRangeResponse {
             deleted: live.len() as i64,
             prev_kvs: Vec::new(),
         };
-        for (rev, rec) in live {
+        for (key, rev) in live {
+            if d.prev_kv {
+                if let Some(rec) = get_record(self.b, &self.txn, rev)? {
+                    resp.prev_kvs.push(rec.to_kv(rev));
+                }
+            }
             let tomb = Record {
-                key: rec.key.clone(),
+                key,
                 value: Vec::new(),
                 create_revision: 0,
                 version: 0,
@@ -508,9 +542,6 @@ impl<'e> Applier<'e> {
             };
             let at = wr.next();
             self.write_record(at, &tomb)?;
-            if d.prev_kv {
-                resp.prev_kvs.push(rec.to_kv(rev));
-            }
         }
         Ok(resp)
     }
