@@ -29,7 +29,7 @@ impl Client {
                     opts.traversal_limit_in_words(Some(1 << 30)); // large range responses
                     let network = twoparty::VatNetwork::new(
                         futures::io::BufReader::new(r),
-                        futures::io::BufWriter::new(w),
+                        crate::transport::coalescing(w),
                         Side::Client,
                         opts,
                     );

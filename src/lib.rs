@@ -10,6 +10,7 @@ pub mod error;
 pub mod model;
 pub mod server;
 pub mod storage;
+pub mod transport;
 
 #[allow(clippy::all, dead_code, unused_parens)]
 pub mod kv_capnp {

@@ -431,7 +431,7 @@ async fn serve_conn(shard: Rc<Shard>, stream: TcpStream) {
     let (reader, writer) = futures::AsyncReadExt::split(stream);
     let network = twoparty::VatNetwork::new(
         futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
+        crate::transport::coalescing(writer),
         Side::Server,
         reader_options(shard.settings.max_request_bytes),
     );
