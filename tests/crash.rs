@@ -187,15 +187,24 @@ fn acknowledged_writes_survive_sigkill() {
         );
         last_rev = new_rev;
     }
-    // Checkpoints released old segments: the WAL did not keep everything.
+    // Checkpoints released old segments: segment 0 is gone, a later one is the oldest.
     let wal = dir.path().join("d/member/wal");
-    let segs = std::fs::read_dir(&wal)
+    let seqs: Vec<u64> = std::fs::read_dir(&wal)
         .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .map(|e| e.file_name().to_string_lossy().ends_with(".wal"))
-                .unwrap_or(false)
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().to_string();
+            let stem = name.strip_suffix(".wal")?;
+            u64::from_str_radix(stem.split('-').next()?, 16).ok()
         })
-        .count();
-    assert!(segs >= 1);
+        .collect();
+    let oldest = seqs.iter().min().copied().expect("a segment");
+    let newest = seqs.iter().max().copied().expect("a segment");
+    assert!(
+        newest >= 2,
+        "the test wrote several 1 MiB segments ({seqs:?})"
+    );
+    assert!(
+        oldest > 0,
+        "no segment was released after checkpoints ({seqs:?})"
+    );
 }

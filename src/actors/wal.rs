@@ -63,7 +63,12 @@ pub struct WalActor {
     hard_state: HardState,
     stats: WalStats,
     fsync_us: Histogram<u64>,
+    /// When group-commit statistics were last logged, and the batch count then.
+    logged: (Instant, u64),
 }
+
+/// How often group-commit statistics go to the log while writes flow.
+const STATS_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     // An unwritable WAL cannot acknowledge anything; etcd panics here too (fsyncgate:
@@ -182,6 +187,7 @@ impl WalActor {
             stats: WalStats::default(),
             fsync_us: Histogram::new_with_bounds(1, 60_000_000, 2)
                 .expect("static histogram bounds"),
+            logged: (Instant::now(), 0),
         })
     }
 
@@ -249,6 +255,7 @@ impl WalActor {
                 self.stats.fsync_p50_us = self.fsync_us.value_at_quantile(0.5);
                 self.stats.fsync_p99_us = self.fsync_us.value_at_quantile(0.99);
                 p.stats = self.stats;
+                self.maybe_log_stats();
                 if to_raft.send(p).await.is_err() {
                     return;
                 }
@@ -257,6 +264,26 @@ impl WalActor {
                 self.release(index).await;
             }
         }
+    }
+
+    fn maybe_log_stats(&mut self) {
+        if self.logged.0.elapsed() < STATS_LOG_INTERVAL {
+            return;
+        }
+        let batches = self.stats.batches - self.logged.1;
+        tracing::info!(
+            batches,
+            entries_total = self.stats.entries,
+            avg_batch = format!(
+                "{:.1}",
+                self.stats.entries as f64 / self.stats.batches.max(1) as f64
+            ),
+            max_batch = self.stats.max_batch,
+            sync_p50_us = self.stats.fsync_p50_us,
+            sync_p99_us = self.stats.fsync_p99_us,
+            "wal group commit"
+        );
+        self.logged = (Instant::now(), self.stats.batches);
     }
 
     /// Whether `extra` more bytes (plus the records already encoded) would pass the end
