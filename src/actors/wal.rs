@@ -19,6 +19,8 @@ const BLOCK_BYTES: u64 = 4096;
 /// Messages per batch are bounded so one batch never monopolizes the disk.
 const MAX_BATCH_MESSAGES: usize = 1024;
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Pause between zeroing chunks: 64 MiB takes ~0.2 s more, and WAL writes get the disk.
+const ZERO_PACING: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// How a batch is made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,8 +80,10 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     std::process::exit(2)
 }
 
-/// Creates `<seq>.tmp`, fills it with zeros and syncs it, so later fdatasyncs never
-/// allocate blocks or extend the file (4 ms vs 0.2 ms on the dev machine).
+/// Creates `<seq>.tmp`, fills it with zeros and syncs it, so later syncs never allocate
+/// blocks or extend the file (4 ms vs 0.2 ms on the dev machine). Zeroing goes through a
+/// plain O_DIRECT handle with one fdatasync at the end, paced so it does not starve the
+/// live segment's writes; the returned handle carries the sync mode's flags.
 async fn prepare_segment(
     dir: PathBuf,
     seq: u64,
@@ -87,27 +91,36 @@ async fn prepare_segment(
     sync: SyncMode,
 ) -> std::io::Result<(DmaFile, PathBuf)> {
     let path = dir.join(format!("{seq:016x}.tmp"));
-    let file = OpenOptions::new()
+    let zeroing = OpenOptions::new()
         .create(true)
         .truncate(true)
+        .write(true)
+        .dma_open(&path)
+        .await?;
+    zeroing.pre_allocate(size_bytes, false).await?;
+    let mut off = 0u64;
+    while off < size_bytes {
+        let n = (size_bytes - off).min(ZERO_CHUNK_BYTES as u64) as usize;
+        let mut buf = zeroing.alloc_dma_buffer(n);
+        buf.as_bytes_mut().fill(0);
+        let written = zeroing.write_at(buf, off).await?;
+        if written != n {
+            return Err(std::io::Error::other("short write while zeroing segment"));
+        }
+        off += n as u64;
+        glommio::timer::sleep(ZERO_PACING).await;
+    }
+    zeroing.fdatasync().await?;
+    zeroing
+        .close()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(sync.open_flags())
         .dma_open(&path)
         .await?;
-    file.pre_allocate(size_bytes, false).await?;
-    let mut off = 0u64;
-    while off < size_bytes {
-        let n = (size_bytes - off).min(ZERO_CHUNK_BYTES as u64) as usize;
-        let mut buf = file.alloc_dma_buffer(n);
-        buf.as_bytes_mut().fill(0);
-        let written = file.write_at(buf, off).await?;
-        if written != n {
-            return Err(std::io::Error::other("short write while zeroing segment"));
-        }
-        off += n as u64;
-    }
-    file.fdatasync().await?;
     Ok((file, path))
 }
 
