@@ -75,6 +75,9 @@ struct Load {
     /// Print one JSON line instead of the table row.
     #[arg(long)]
     json: bool,
+    /// Microseconds a load thread polls before parking (0 = park at once).
+    #[arg(long, default_value_t = 0)]
+    spin_before_park_us: u64,
 }
 
 fn key_of(i: u64, size: usize) -> Vec<u8> {
@@ -104,7 +107,8 @@ fn run_thread(
     total: u64,
     seed: u64,
 ) -> Result<(Histogram<u64>, u64), String> {
-    corekv::client::block_on(move || async move {
+    let spin = Duration::from_micros(load.spin_before_park_us);
+    corekv::client::block_on_spinning(spin, move || async move {
         let mut conn_list = Vec::new();
         for _ in 0..conns.max(1) {
             conn_list.push(Rc::new(

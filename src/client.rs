@@ -118,8 +118,24 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = T> + 'static,
 {
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .io_memory(1 << 20)
+    block_on_spinning(std::time::Duration::ZERO, f)
+}
+
+/// Like `block_on`, polling for `spin` before parking when idle (latency benchmarks).
+pub fn block_on_spinning<T: Send + 'static, F, Fut>(
+    spin: std::time::Duration,
+    f: F,
+) -> Result<T, String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let mut builder =
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).io_memory(1 << 20);
+    if !spin.is_zero() {
+        builder = builder.spin_before_park(spin);
+    }
+    builder
         .spawn(f)
         .map_err(|e| format!("start executor: {e}"))?
         .join()
