@@ -128,6 +128,12 @@ impl ApplyActor {
                 }
             };
             let result = applier.apply(&proposal.req);
+            if applier.poisoned() {
+                fatal(format!(
+                    "backend write failed at index {}: {result:?}",
+                    e.index
+                ));
+            }
             if proposal.epoch == self.epoch {
                 let header = Header {
                     cluster_id: self.cluster_id,

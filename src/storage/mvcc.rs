@@ -364,6 +364,9 @@ pub struct Applier<'e> {
     compacted: i64,
     alarms: Vec<AlarmMember>,
     alarms_dirty: bool,
+    /// Set when a backend write failed: the txn holds a partial request and must not
+    /// be committed.
+    poisoned: bool,
 }
 
 /// Sub-revision counter of the request being applied.
@@ -396,11 +399,17 @@ impl<'e> Applier<'e> {
             compacted,
             alarms,
             alarms_dirty: false,
+            poisoned: false,
         })
     }
 
     pub fn revision(&self) -> i64 {
         self.revision
+    }
+
+    /// Whether a backend write failed part-way (the batch must be abandoned).
+    pub fn poisoned(&self) -> bool {
+        self.poisoned
     }
 
     pub fn has_alarm(&self, alarm: AlarmType) -> bool {
@@ -460,6 +469,12 @@ impl<'e> Applier<'e> {
     }
 
     fn write_record(&mut self, rev: Rev, rec: &Record) -> Result<(), KvError> {
+        let r = self.write_record_inner(rev, rec);
+        self.poisoned |= r.is_err();
+        r
+    }
+
+    fn write_record_inner(&mut self, rev: Rev, rec: &Record) -> Result<(), KvError> {
         let bytes = postcard::to_allocvec(rec)?;
         self.b.kv.put(&mut self.txn, &rev.to_key(), &bytes)?;
         let entry = IndexEntry {
@@ -603,6 +618,12 @@ impl<'e> Applier<'e> {
         if at <= self.compacted {
             return Err(KvError::Compacted);
         }
+        let r = self.compact_below(at);
+        self.poisoned |= r.is_err();
+        r
+    }
+
+    fn compact_below(&mut self, at: i64) -> Result<(), KvError> {
         let upper = Rev {
             main: at + 1,
             sub: 0,
