@@ -18,6 +18,8 @@ pub const ETCD_FLAGS: &[&str] = &[
     "election-timeout",
     "initial-cluster-token",
     "initial-advertise-peer-urls",
+    "listen-client-urls",
+    "advertise-client-urls",
 ];
 
 /// Copies `ETCD_X` to `COREKV_X` where only the former is set, before clap reads env.
@@ -52,6 +54,20 @@ pub struct ServeConfig {
         default_value = "http://127.0.0.1:2378"
     )]
     pub listen_native_urls: String,
+    /// URLs to serve etcd's v3 gRPC API on (comma-separated; scheme optional).
+    #[arg(
+        long,
+        env = "COREKV_LISTEN_CLIENT_URLS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub listen_client_urls: String,
+    /// This member's client URLs as reported to clients (member list).
+    #[arg(
+        long,
+        env = "COREKV_ADVERTISE_CLIENT_URLS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub advertise_client_urls: String,
     /// Applied entries between LMDB checkpoints (after which the WAL below is released).
     #[arg(long, env = "COREKV_SNAPSHOT_COUNT", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_count: u64,
@@ -145,6 +161,7 @@ impl ServeConfig {
             return Err("--max-request-bytes must be at most 64 MiB".into());
         }
         parse_urls(&self.listen_native_urls)?;
+        parse_urls(&self.listen_client_urls)?;
         Ok(())
     }
 

@@ -16,3 +16,23 @@ pub mod transport;
 pub mod kv_capnp {
     include!(concat!(env!("OUT_DIR"), "/kv_capnp.rs"));
 }
+
+/// etcd's protobuf packages (generated from proto/ by tonic-prost-build).
+#[allow(clippy::all, dead_code, missing_docs)]
+pub mod etcdpb {
+    pub mod authpb {
+        include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
+    }
+    pub mod mvccpb {
+        include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
+    }
+    pub mod etcdserverpb {
+        include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+    }
+    pub mod v3electionpb {
+        include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
+    }
+    pub mod v3lockpb {
+        include!(concat!(env!("OUT_DIR"), "/v3lockpb.rs"));
+    }
+}

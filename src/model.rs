@@ -143,6 +143,9 @@ pub struct TxnRequest {
 pub struct TxnResponse {
     pub succeeded: bool,
     pub responses: Vec<ResponseOp>,
+    /// The revision in each nested response's header, as etcd reports it: the txn's new
+    /// revision once the txn has changed anything, the revision before it until then.
+    pub op_revisions: Vec<i64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

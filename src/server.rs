@@ -230,8 +230,9 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     cfg.validate()?;
     raise_memlock();
     let addrs = parse_urls(&cfg.listen_native_urls)?;
+    let client_addrs = parse_urls(&cfg.listen_client_urls)?;
     let _lock = lock_data_dir(&cfg)?;
-    probe_listen(&addrs)?;
+    probe_listen(&[addrs.clone(), client_addrs.clone()].concat())?;
     let rec = recover(&cfg)?;
     let shards = cfg.shards();
     let cpus = available_cpus();
@@ -243,6 +244,12 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let cluster_id = cfg.cluster_id();
     let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
     let mut mb = Mailboxes::new(shards);
+    let (bridge_txs, mut bridge_rxs): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| {
+            let (tx, rx) = crate::actors::bridge::channel();
+            (tx, Some(rx))
+        })
+        .unzip();
 
     let mut raft_part = Some((rec.raft_log, rec.applied_index));
     let mut wal_part = Some(rec.wal);
@@ -254,6 +261,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         let net_tx = mb.net_to_raft[i].0.take();
         let from_raft = mb.raft_to_net[i].1.take();
         let from_apply = mb.apply_to_net[i].1.take();
+        let bridge_rx = bridge_rxs[i].take().expect("one bridge per shard");
         let addrs = addrs.clone();
         let settings = NetSettings {
             max_request_bytes: cfg.max_request_bytes,
@@ -385,6 +393,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                 let shard = Shard::new(i, epoch, backend, settings, to_raft);
                 glommio::spawn_local(shard.clone().run_replies(from_raft)).detach();
                 glommio::spawn_local(shard.clone().run_replies(from_apply)).detach();
+                glommio::spawn_local(crate::actors::bridge::serve(shard.clone(), bridge_rx))
+                    .detach();
                 if i == 0 {
                     tracing::info!(urls = ?addrs, "ready to serve native clients");
                 }
@@ -395,6 +405,32 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             .map_err(|e| format!("start shard {i}: {e}"))?;
         handles.push(handle);
     }
+    let gateway = crate::api::v3rpc::Gateway::new(
+        bridge_txs,
+        crate::api::v3rpc::MemberInfo {
+            id: member_id,
+            cluster_id,
+            name: cfg.name.clone(),
+            peer_urls: cfg
+                .initial_advertise_peer_urls
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+            client_urls: cfg
+                .advertise_client_urls
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+        },
+    );
+    if let Err(e) = crate::api::v3rpc::spawn(
+        gateway,
+        client_addrs.clone(),
+        cfg.max_request_bytes as usize,
+    ) {
+        exit_fatal(e);
+    }
+    tracing::info!(urls = ?client_addrs, "ready to serve etcd v3 gRPC clients");
     for h in handles {
         h.join().map_err(|e| format!("shard: {e}"))?;
     }

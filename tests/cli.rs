@@ -224,6 +224,10 @@ fn env_vars_configure_the_server_and_flags_win() {
         .arg("serve")
         .env("ETCD_DATA_DIR", &data)
         .env("COREKV_LISTEN_NATIVE_URLS", format!("127.0.0.1:{port}"))
+        .env(
+            "ETCD_LISTEN_CLIENT_URLS",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("ETCD_SNAPSHOT_COUNT", "not-a-number-but-overridden")
         .args(["--snapshot-count", "100", "--wal-segment-bytes", "1048576"])
         .stderr(std::process::Stdio::null())

@@ -4,6 +4,7 @@
 //! full mailbox pushes back on its sender instead of growing.
 
 pub mod apply;
+pub mod bridge;
 pub mod network;
 pub mod raft;
 pub mod wal;

@@ -1,3 +1,4 @@
 //! Front ends' shared pieces: the native protocol codec and etcd's request checks.
 pub mod native;
+pub mod v3rpc;
 pub mod validate;

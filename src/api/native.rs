@@ -305,6 +305,11 @@ pub fn write_txn_resp(mut b: w::txn_response::Builder, h: &Header, t: &TxnRespon
     let mut list = b.init_responses(t.responses.len() as u32);
     for (i, op) in t.responses.iter().enumerate() {
         let ob = list.reborrow().get(i as u32);
+        // Nested headers carry only the revision as of that op, as etcd's do.
+        let h = &Header {
+            revision: t.op_revisions.get(i).copied().unwrap_or(h.revision),
+            ..Default::default()
+        };
         match op {
             ResponseOp::Range(r) => write_range_resp(ob.init_range(), h, r),
             ResponseOp::Put(p) => write_put_resp(ob.init_put(), h, p),
@@ -317,19 +322,25 @@ pub fn write_txn_resp(mut b: w::txn_response::Builder, h: &Header, t: &TxnRespon
 pub fn read_txn_resp(r: w::txn_response::Reader) -> R<(Header, TxnResponse)> {
     use w::response_op::Which;
     let mut responses = Vec::new();
+    let mut op_revisions = Vec::new();
     for op in r.get_responses()?.iter() {
-        responses.push(match op.which()? {
-            Which::Range(x) => ResponseOp::Range(read_range_resp(x?)?.1),
-            Which::Put(x) => ResponseOp::Put(read_put_resp(x?)?.1),
-            Which::DeleteRange(x) => ResponseOp::DeleteRange(read_delete_resp(x?)?.1),
-            Which::Txn(x) => ResponseOp::Txn(read_txn_resp(x?)?.1),
-        });
+        let (h, resp) = match op.which()? {
+            Which::Range(x) => read_range_resp(x?).map(|(h, r)| (h, ResponseOp::Range(r)))?,
+            Which::Put(x) => read_put_resp(x?).map(|(h, r)| (h, ResponseOp::Put(r)))?,
+            Which::DeleteRange(x) => {
+                read_delete_resp(x?).map(|(h, r)| (h, ResponseOp::DeleteRange(r)))?
+            }
+            Which::Txn(x) => read_txn_resp(x?).map(|(h, r)| (h, ResponseOp::Txn(r)))?,
+        };
+        op_revisions.push(h.revision);
+        responses.push(resp);
     }
     Ok((
         read_header(r.get_header()?),
         TxnResponse {
             succeeded: r.get_succeeded(),
             responses,
+            op_revisions,
         },
     ))
 }

@@ -103,21 +103,22 @@ fn del_json(h: Value, r: &DeleteRangeResponse) -> Value {
     Value::Object(m)
 }
 
-fn txn_json(h: Value, r: &TxnResponse, inner: &Header) -> Value {
-    // Nested responses carry only the revision in their header, as etcd's do.
-    let nested = || json!({ "revision": inner.revision });
+fn txn_json(h: Value, r: &TxnResponse) -> Value {
     let mut m = Map::new();
     m.insert("header".into(), h);
     put_nz(&mut m, "succeeded", json!(r.succeeded));
     let ops: Vec<Value> = r
         .responses
         .iter()
-        .map(|op| {
+        .zip(&r.op_revisions)
+        .map(|(op, rev)| {
+            // Nested headers carry only the revision as of that op, as etcd's do.
+            let nested = || json!({ "revision": rev });
             let (name, v) = match op {
                 ResponseOp::Range(x) => ("ResponseRange", range_json(nested(), x)),
                 ResponseOp::Put(x) => ("ResponsePut", put_json(nested(), x)),
                 ResponseOp::DeleteRange(x) => ("ResponseDeleteRange", del_json(nested(), x)),
-                ResponseOp::Txn(x) => ("ResponseTxn", txn_json(nested(), x, inner)),
+                ResponseOp::Txn(x) => ("ResponseTxn", txn_json(nested(), x)),
             };
             json!({ "Response": { name: v } })
         })
@@ -181,7 +182,7 @@ pub fn del(f: Format, h: &Header, r: &DeleteRangeResponse) -> String {
 
 pub fn txn(f: Format, h: &Header, r: &TxnResponse) -> Result<String, KvError> {
     match f {
-        Format::Json => Ok(txn_json(header_json(h), r, h).to_string() + "\n"),
+        Format::Json => Ok(txn_json(header_json(h), r).to_string() + "\n"),
         Format::Table => Err(no_table()),
         Format::Simple => {
             let mut out = String::from(if r.succeeded {

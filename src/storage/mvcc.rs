@@ -592,6 +592,7 @@ impl<'e> Applier<'e> {
         let ops = if succeeded { &t.success } else { &t.failure };
         self.check_ops(ops)?;
         let mut responses = Vec::with_capacity(ops.len());
+        let mut op_revisions = Vec::with_capacity(ops.len());
         for op in ops {
             responses.push(match op {
                 RequestOp::Range(r) => {
@@ -603,10 +604,12 @@ impl<'e> Applier<'e> {
                 RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete(d, wr)?),
                 RequestOp::Txn(inner) => ResponseOp::Txn(self.txn(inner, wr)?),
             });
+            op_revisions.push(if wr.sub > 0 { wr.main } else { wr.main - 1 });
         }
         Ok(TxnResponse {
             succeeded,
             responses,
+            op_revisions,
         })
     }
 

@@ -20,6 +20,8 @@ pub struct Server {
     pub child: Option<Child>,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// etcd v3 gRPC port.
+    pub grpc_port: u16,
     pub extra: Vec<String>,
     pub log: PathBuf,
 }
@@ -31,6 +33,7 @@ impl Server {
             child: None,
             data_dir: data_dir.to_path_buf(),
             port: free_port(),
+            grpc_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: data_dir.with_extension("log"),
         };
@@ -42,6 +45,10 @@ impl Server {
         format!("127.0.0.1:{}", self.port)
     }
 
+    pub fn grpc_endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc_port)
+    }
+
     /// The command line `corekv serve` runs with (for tests that expect a failure).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
@@ -50,6 +57,10 @@ impl Server {
             .arg(&self.data_dir)
             .arg("--listen-native-urls")
             .arg(format!("http://127.0.0.1:{}", self.port))
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{}", self.grpc_port))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{}", self.grpc_port))
             .args(&self.extra);
         cmd
     }

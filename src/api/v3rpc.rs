@@ -1,0 +1,604 @@
+//! etcd's v3 gRPC API (etcd's `api/v3rpc`): tonic services on their own tokio thread,
+//! converting etcd's protobuf messages to the internal model and bridging each request
+//! into a shard (round robin) through bounded mailboxes, so gRPC and the native protocol
+//! share one request path. Features not built yet answer `Unimplemented`, naming them.
+
+use crate::actors::bridge::BridgeRequest;
+use crate::error::{Code, KvError};
+use crate::etcdpb::etcdserverpb as pb;
+use crate::etcdpb::etcdserverpb::{
+    auth_server::AuthServer, lease_server::LeaseServer, watch_server::WatchServer,
+};
+use crate::etcdpb::etcdserverpb::{
+    cluster_server::{Cluster, ClusterServer},
+    kv_server::{Kv, KvServer},
+    maintenance_server::{Maintenance, MaintenanceServer},
+};
+use crate::etcdpb::mvccpb;
+use crate::etcdpb::v3electionpb::election_server::ElectionServer;
+use crate::etcdpb::v3lockpb::lock_server::LockServer;
+use crate::model::*;
+use futures::channel::{mpsc, oneshot};
+use futures::SinkExt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The etcd API version corekv implements, reported by Status (clients check it).
+pub const ETCD_API_VERSION: &str = "3.4.0";
+/// etcd's allowance for gRPC framing on top of --max-request-bytes.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+pub struct MemberInfo {
+    pub id: u64,
+    pub cluster_id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<GatewayInner>,
+}
+
+struct GatewayInner {
+    shards: Vec<mpsc::Sender<BridgeRequest>>,
+    next: AtomicUsize,
+    member: MemberInfo,
+}
+
+fn to_status(e: KvError) -> Status {
+    let code = match e.code() {
+        Code::InvalidArgument => tonic::Code::InvalidArgument,
+        Code::NotFound => tonic::Code::NotFound,
+        Code::OutOfRange => tonic::Code::OutOfRange,
+        Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+        Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+        Code::Unavailable => tonic::Code::Unavailable,
+        Code::Internal => tonic::Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!("corekv: {what} is not implemented yet"))
+}
+
+type Reply<T> = oneshot::Sender<Result<T, KvError>>;
+
+impl Gateway {
+    pub fn new(shards: Vec<mpsc::Sender<BridgeRequest>>, member: MemberInfo) -> Gateway {
+        assert!(!shards.is_empty());
+        Gateway {
+            inner: Arc::new(GatewayInner {
+                shards,
+                next: AtomicUsize::new(0),
+                member,
+            }),
+        }
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> BridgeRequest) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        let n = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.shards.len();
+        let mut shard = self.inner.shards[n].clone();
+        let stopped = || to_status(KvError::Stopped);
+        shard.send(make(tx)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?.map_err(to_status)
+    }
+
+    async fn write(&self, req: WriteRequest) -> Result<(Header, WriteResponse), Status> {
+        self.call(|tx| BridgeRequest::Write(req, tx)).await
+    }
+}
+
+fn header(h: &Header) -> Option<pb::ResponseHeader> {
+    Some(pb::ResponseHeader {
+        cluster_id: h.cluster_id,
+        member_id: h.member_id,
+        revision: h.revision,
+        raft_term: h.raft_term,
+    })
+}
+
+fn kv_to_pb(kv: KeyValue) -> mvccpb::KeyValue {
+    mvccpb::KeyValue {
+        key: kv.key,
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+        value: kv.value,
+        lease: kv.lease,
+    }
+}
+
+fn range_from_pb(r: pb::RangeRequest) -> RangeRequest {
+    RangeRequest {
+        key: r.key,
+        range_end: r.range_end,
+        limit: r.limit,
+        revision: r.revision,
+        sort_order: match r.sort_order {
+            1 => SortOrder::Ascend,
+            2 => SortOrder::Descend,
+            _ => SortOrder::None,
+        },
+        sort_target: match r.sort_target {
+            1 => SortTarget::Version,
+            2 => SortTarget::Create,
+            3 => SortTarget::Mod,
+            4 => SortTarget::Value,
+            _ => SortTarget::Key,
+        },
+        serializable: r.serializable,
+        keys_only: r.keys_only,
+        count_only: r.count_only,
+        min_mod_revision: r.min_mod_revision,
+        max_mod_revision: r.max_mod_revision,
+        min_create_revision: r.min_create_revision,
+        max_create_revision: r.max_create_revision,
+    }
+}
+
+fn range_to_pb(h: &Header, r: RangeResponse) -> pb::RangeResponse {
+    pb::RangeResponse {
+        header: header(h),
+        kvs: r.kvs.into_iter().map(kv_to_pb).collect(),
+        more: r.more,
+        count: r.count,
+    }
+}
+
+fn put_from_pb(p: pb::PutRequest) -> PutRequest {
+    PutRequest {
+        key: p.key,
+        value: p.value,
+        lease: p.lease,
+        prev_kv: p.prev_kv,
+        ignore_value: p.ignore_value,
+        ignore_lease: p.ignore_lease,
+    }
+}
+
+fn put_to_pb(h: &Header, r: PutResponse) -> pb::PutResponse {
+    pb::PutResponse {
+        header: header(h),
+        prev_kv: r.prev_kv.map(kv_to_pb),
+    }
+}
+
+fn delete_from_pb(d: pb::DeleteRangeRequest) -> DeleteRangeRequest {
+    DeleteRangeRequest {
+        key: d.key,
+        range_end: d.range_end,
+        prev_kv: d.prev_kv,
+    }
+}
+
+fn delete_to_pb(h: &Header, r: DeleteRangeResponse) -> pb::DeleteRangeResponse {
+    pb::DeleteRangeResponse {
+        header: header(h),
+        deleted: r.deleted,
+        prev_kvs: r.prev_kvs.into_iter().map(kv_to_pb).collect(),
+    }
+}
+
+fn compare_from_pb(c: pb::Compare) -> Result<Compare, Status> {
+    use pb::compare::TargetUnion as U;
+    let u = c.target_union;
+    let num = |u: &Option<U>| match u {
+        Some(U::Version(v) | U::CreateRevision(v) | U::ModRevision(v) | U::Lease(v)) => *v,
+        _ => 0,
+    };
+    let target = match c.target {
+        0 => CompareTarget::Version(num(&u)),
+        1 => CompareTarget::Create(num(&u)),
+        2 => CompareTarget::Mod(num(&u)),
+        3 => CompareTarget::Value(match u {
+            Some(U::Value(v)) => v,
+            _ => Vec::new(),
+        }),
+        4 => CompareTarget::Lease(num(&u)),
+        t => {
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: unknown compare target {t}"
+            )))
+        }
+    };
+    let result = match c.result {
+        0 => CompareResult::Equal,
+        1 => CompareResult::Greater,
+        2 => CompareResult::Less,
+        3 => CompareResult::NotEqual,
+        r => {
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: unknown compare result {r}"
+            )))
+        }
+    };
+    Ok(Compare {
+        key: c.key,
+        range_end: c.range_end,
+        target,
+        result,
+    })
+}
+
+/// Nesting bound for txns (prost itself stops at 100 levels of message recursion).
+const MAX_TXN_DEPTH: u32 = 64;
+
+fn txn_from_pb(t: pb::TxnRequest, depth: u32) -> Result<TxnRequest, Status> {
+    if depth > MAX_TXN_DEPTH {
+        return Err(Status::invalid_argument(
+            "etcdserver: txn nested too deeply",
+        ));
+    }
+    let ops = |ops: Vec<pb::RequestOp>| -> Result<Vec<RequestOp>, Status> {
+        use pb::request_op::Request as R;
+        ops.into_iter()
+            .map(|op| match op.request {
+                Some(R::RequestRange(r)) => Ok(RequestOp::Range(range_from_pb(r))),
+                Some(R::RequestPut(p)) => Ok(RequestOp::Put(put_from_pb(p))),
+                Some(R::RequestDeleteRange(d)) => Ok(RequestOp::DeleteRange(delete_from_pb(d))),
+                Some(R::RequestTxn(t)) => Ok(RequestOp::Txn(txn_from_pb(t, depth + 1)?)),
+                None => Err(Status::invalid_argument("etcdserver: empty request op")),
+            })
+            .collect()
+    };
+    Ok(TxnRequest {
+        compare: t
+            .compare
+            .into_iter()
+            .map(compare_from_pb)
+            .collect::<Result<_, _>>()?,
+        success: ops(t.success)?,
+        failure: ops(t.failure)?,
+    })
+}
+
+fn txn_to_pb(h: &Header, t: TxnResponse) -> pb::TxnResponse {
+    use pb::response_op::Response as R;
+    let revisions = t.op_revisions;
+    pb::TxnResponse {
+        header: header(h),
+        succeeded: t.succeeded,
+        responses: t
+            .responses
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| {
+                // Nested headers carry only the revision as of that op, as etcd's do.
+                let inner = Header {
+                    revision: revisions.get(i).copied().unwrap_or(h.revision),
+                    ..Default::default()
+                };
+                pb::ResponseOp {
+                    response: Some(match op {
+                        ResponseOp::Range(r) => R::ResponseRange(range_to_pb(&inner, r)),
+                        ResponseOp::Put(p) => R::ResponsePut(put_to_pb(&inner, p)),
+                        ResponseOp::DeleteRange(d) => {
+                            R::ResponseDeleteRange(delete_to_pb(&inner, d))
+                        }
+                        ResponseOp::Txn(t) => R::ResponseTxn(txn_to_pb(&inner, t)),
+                    }),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn unexpected() -> Status {
+    Status::internal("etcdserver: unexpected response type")
+}
+
+type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Services whose features are not built yet: registered so clients get
+/// `Unimplemented` with a message naming the feature (an interceptor answers every call
+/// before tonic's default stubs would).
+#[derive(Clone, Copy, Default)]
+pub struct NotYetBuilt;
+
+#[tonic::async_trait]
+impl crate::etcdpb::etcdserverpb::watch_server::Watch for NotYetBuilt {}
+#[tonic::async_trait]
+impl crate::etcdpb::etcdserverpb::lease_server::Lease for NotYetBuilt {}
+#[tonic::async_trait]
+impl crate::etcdpb::etcdserverpb::auth_server::Auth for NotYetBuilt {}
+#[tonic::async_trait]
+impl crate::etcdpb::v3lockpb::lock_server::Lock for NotYetBuilt {}
+#[tonic::async_trait]
+impl crate::etcdpb::v3electionpb::election_server::Election for NotYetBuilt {}
+
+fn refuse(feature: &'static str) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |_req| Err(not_yet(feature))
+}
+
+#[tonic::async_trait]
+impl Kv for Gateway {
+    async fn range(
+        &self,
+        req: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
+        let r = range_from_pb(req.into_inner());
+        let (h, resp) = self.call(|tx| BridgeRequest::Range(r, tx)).await?;
+        Ok(Response::new(range_to_pb(&h, resp)))
+    }
+
+    async fn range_stream(
+        &self,
+        _req: Request<pb::RangeRequest>,
+    ) -> Result<Response<BoxStream<pb::RangeStreamResponse>>, Status> {
+        Err(not_yet("RangeStream"))
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        match self
+            .write(WriteRequest::Put(put_from_pb(req.into_inner())))
+            .await?
+        {
+            (h, WriteResponse::Put(p)) => Ok(Response::new(put_to_pb(&h, p))),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        match self
+            .write(WriteRequest::DeleteRange(delete_from_pb(req.into_inner())))
+            .await?
+        {
+            (h, WriteResponse::DeleteRange(d)) => Ok(Response::new(delete_to_pb(&h, d))),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let t = txn_from_pb(req.into_inner(), 0)?;
+        match self.write(WriteRequest::Txn(t)).await? {
+            (h, WriteResponse::Txn(t)) => Ok(Response::new(txn_to_pb(&h, t))),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn compact(
+        &self,
+        req: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        let c = req.into_inner();
+        let req = WriteRequest::Compact(CompactionRequest {
+            revision: c.revision,
+            physical: c.physical,
+        });
+        let (h, _) = self.write(req).await?;
+        Ok(Response::new(pb::CompactionResponse { header: header(&h) }))
+    }
+}
+
+fn alarm_type_from_pb(a: i32) -> AlarmType {
+    match a {
+        1 => AlarmType::Nospace,
+        2 => AlarmType::Corrupt,
+        _ => AlarmType::None,
+    }
+}
+
+fn alarm_type_to_pb(a: AlarmType) -> i32 {
+    match a {
+        AlarmType::None => 0,
+        AlarmType::Nospace => 1,
+        AlarmType::Corrupt => 2,
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for Gateway {
+    async fn alarm(
+        &self,
+        req: Request<pb::AlarmRequest>,
+    ) -> Result<Response<pb::AlarmResponse>, Status> {
+        let a = req.into_inner();
+        let action = match a.action {
+            1 => AlarmAction::Activate,
+            2 => AlarmAction::Deactivate,
+            _ => AlarmAction::Get,
+        };
+        let req = AlarmRequest {
+            action,
+            member_id: a.member_id,
+            alarm: alarm_type_from_pb(a.alarm),
+        };
+        let (h, alarms) = self.call(|tx| BridgeRequest::Alarm(req, tx)).await?;
+        Ok(Response::new(pb::AlarmResponse {
+            header: header(&h),
+            alarms: alarms
+                .into_iter()
+                .map(|m| pb::AlarmMember {
+                    member_id: m.member_id,
+                    alarm: alarm_type_to_pb(m.alarm),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let (h, st) = self.call(BridgeRequest::Status).await?;
+        Ok(Response::new(pb::StatusResponse {
+            header: header(&h),
+            version: ETCD_API_VERSION.to_string(),
+            db_size: st.db_size,
+            leader: st.leader,
+            raft_index: st.raft_index,
+            raft_term: st.raft_term,
+            raft_applied_index: st.raft_applied_index,
+            errors: st.errors,
+            db_size_in_use: st.db_size_in_use,
+            is_learner: st.is_learner,
+            ..Default::default()
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _req: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        Err(not_yet("defragment"))
+    }
+
+    async fn hash(
+        &self,
+        _req: Request<pb::HashRequest>,
+    ) -> Result<Response<pb::HashResponse>, Status> {
+        Err(not_yet("hash"))
+    }
+
+    async fn hash_kv(
+        &self,
+        _req: Request<pb::HashKvRequest>,
+    ) -> Result<Response<pb::HashKvResponse>, Status> {
+        Err(not_yet("hashkv"))
+    }
+
+    async fn snapshot(
+        &self,
+        _req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<BoxStream<pb::SnapshotResponse>>, Status> {
+        Err(not_yet("snapshot"))
+    }
+
+    async fn move_leader(
+        &self,
+        _req: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(not_yet("move-leader (clustering)"))
+    }
+
+    async fn downgrade(
+        &self,
+        _req: Request<pb::DowngradeRequest>,
+    ) -> Result<Response<pb::DowngradeResponse>, Status> {
+        Err(not_yet("downgrade"))
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for Gateway {
+    async fn member_add(
+        &self,
+        _req: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberAddResponse>, Status> {
+        Err(not_yet("member add (clustering)"))
+    }
+
+    async fn member_remove(
+        &self,
+        _req: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        Err(not_yet("member remove (clustering)"))
+    }
+
+    async fn member_update(
+        &self,
+        _req: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        Err(not_yet("member update (clustering)"))
+    }
+
+    async fn member_list(
+        &self,
+        _req: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        let m = &self.inner.member;
+        // The header's term comes from a status round trip through a shard; etcd's
+        // member list carries no revision.
+        let (h, _) = self.call(BridgeRequest::Status).await?;
+        Ok(Response::new(pb::MemberListResponse {
+            header: header(&Header {
+                cluster_id: m.cluster_id,
+                revision: 0,
+                ..h
+            }),
+            members: vec![pb::Member {
+                id: m.id,
+                name: m.name.clone(),
+                peer_ur_ls: m.peer_urls.clone(),
+                client_ur_ls: m.client_urls.clone(),
+                is_learner: false,
+            }],
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        _req: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        Err(not_yet("member promote (clustering)"))
+    }
+}
+
+/// Runs the gRPC server on a dedicated thread with its own tokio runtime. Returns once
+/// every listener is bound (or with the bind error).
+pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> Result<(), String> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    std::thread::Builder::new()
+        .name("corekv-grpc".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("grpc runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut servers = Vec::new();
+                for addr in addrs {
+                    let listener = match tokio::net::TcpListener::bind(addr.as_str()).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("listen tcp {addr}: bind: {e}")));
+                            return;
+                        }
+                    };
+                    let limit = max_request_bytes + GRPC_OVERHEAD_BYTES;
+                    let g = gateway.clone();
+                    let router = tonic::transport::Server::builder()
+                        .add_service(KvServer::new(g.clone()).max_decoding_message_size(limit))
+                        .add_service(
+                            MaintenanceServer::new(g.clone()).max_decoding_message_size(limit),
+                        )
+                        .add_service(ClusterServer::new(g).max_decoding_message_size(limit))
+                        .add_service(WatchServer::with_interceptor(NotYetBuilt, refuse("watch")))
+                        .add_service(LeaseServer::with_interceptor(NotYetBuilt, refuse("lease")))
+                        .add_service(AuthServer::with_interceptor(NotYetBuilt, refuse("auth")))
+                        .add_service(LockServer::with_interceptor(NotYetBuilt, refuse("lock")))
+                        .add_service(ElectionServer::with_interceptor(
+                            NotYetBuilt,
+                            refuse("election"),
+                        ));
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    servers.push(tokio::spawn(async move {
+                        if let Err(e) = router.serve_with_incoming(incoming).await {
+                            tracing::error!("grpc server on {addr}: {e}");
+                        }
+                    }));
+                }
+                let _ = ready_tx.send(Ok(()));
+                futures::future::join_all(servers).await;
+            });
+        })
+        .map_err(|e| format!("start grpc thread: {e}"))?;
+    ready_rx
+        .recv()
+        .map_err(|_| "grpc thread exited during start-up".to_string())?
+}
