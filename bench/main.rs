@@ -75,9 +75,13 @@ struct Load {
     /// Print one JSON line instead of the table row.
     #[arg(long)]
     json: bool,
-    /// Microseconds a load thread polls before parking (0 = park at once).
+    /// Microseconds a load thread polls before parking (0 = park at once; native only).
     #[arg(long, default_value_t = 0)]
     spin_before_park_us: u64,
+    /// Protocol: `native` (corekv's capnp-rpc) or `grpc` (etcd's v3 API, works against
+    /// etcd and corekv alike).
+    #[arg(long, default_value = "native", value_parser = ["native", "grpc"])]
+    api: String,
 }
 
 fn key_of(i: u64, size: usize) -> Vec<u8> {
@@ -96,6 +100,97 @@ fn xorshift(s: &mut u64) -> u64 {
 enum Kind {
     Put,
     Range { serializable: bool },
+}
+
+/// The gRPC variant of `run_thread`: tonic on a current-thread tokio runtime.
+fn run_thread_grpc(
+    load: Load,
+    kind: Kind,
+    conns: u64,
+    clients: u64,
+    total: u64,
+    seed: u64,
+) -> Result<(Histogram<u64>, u64), String> {
+    use corekv::etcdpb::etcdserverpb::{
+        kv_client::KvClient, PutRequest as PbPut, RangeRequest as PbRange,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let ep = load
+            .endpoints
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let url = if ep.contains("://") {
+            ep
+        } else {
+            format!("http://{ep}")
+        };
+        let mut channels = Vec::new();
+        for _ in 0..conns.max(1) {
+            let ch = tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| format!("dial {url}: {e}"))?;
+            channels.push(ch);
+        }
+        let per_client = total / clients.max(1);
+        let extra = total % clients.max(1);
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let mut client = KvClient::new(channels[(c % conns.max(1)) as usize].clone());
+            let n = per_client + u64::from(c < extra);
+            let load = load.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                let mut rng = seed ^ (c + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let value = vec![b'v'; load.val_size];
+                let mut errors = 0u64;
+                for _ in 0..n {
+                    let key = key_of(xorshift(&mut rng) % load.key_space, load.key_size);
+                    let start = Instant::now();
+                    let ok = match kind {
+                        Kind::Put => client
+                            .put(PbPut {
+                                key,
+                                value: value.clone(),
+                                ..Default::default()
+                            })
+                            .await
+                            .is_ok(),
+                        Kind::Range { serializable } => client
+                            .range(PbRange {
+                                key,
+                                serializable,
+                                ..Default::default()
+                            })
+                            .await
+                            .is_ok(),
+                    };
+                    if ok {
+                        let _ = h.record((start.elapsed().as_micros() as u64).max(1));
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (h, errors)
+            }));
+        }
+        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut errors = 0;
+        for t in tasks {
+            let (h, e) = t.await.map_err(|e| e.to_string())?;
+            all.add(&h).map_err(|e| e.to_string())?;
+            errors += e;
+        }
+        Ok((all, errors))
+    })
 }
 
 /// One thread's share: `conns` connections, `clients` tasks, `total` requests.
@@ -177,7 +272,7 @@ fn report(name: &str, load: &Load, h: &Histogram<u64>, errors: u64, elapsed: Dur
         println!(
             "{}",
             serde_json::json!({
-                "workload": name, "clients": load.clients, "conns": load.conns, "total": load.total,
+                "workload": name, "api": load.api, "clients": load.clients, "conns": load.conns, "total": load.total,
                 "ok": h.len(), "errors": errors, "seconds": elapsed.as_secs_f64(), "qps": qps,
                 "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
                 "max_ms": h.max() as f64 / 1000.0,
@@ -185,8 +280,8 @@ fn report(name: &str, load: &Load, h: &Histogram<u64>, errors: u64, elapsed: Dur
         );
     } else {
         println!(
-            "{name:<12} clients={:<5} conns={:<4} ok={:<8} errors={:<4} {:>9.0} req/s  p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
-            load.clients, load.conns, h.len(), errors, qps, ms(0.5), ms(0.9), ms(0.99), ms(0.999), h.max() as f64 / 1000.0
+            "{name:<12} api={:<6} clients={:<5} conns={:<4} ok={:<8} errors={:<4} {:>9.0} req/s  p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+            load.api, load.clients, load.conns, h.len(), errors, qps, ms(0.5), ms(0.9), ms(0.99), ms(0.999), h.max() as f64 / 1000.0
         );
     }
 }
@@ -202,8 +297,13 @@ fn run_load(name: &str, load: Load, kind: Kind) -> Result<(), String> {
         let share = |x: u64| x / threads as u64 + u64::from(t < x % threads as u64);
         let (conns, clients, total) = (share(load.conns), share(load.clients), share(load.total));
         let load = load.clone();
+        let grpc = load.api == "grpc";
         handles.push(std::thread::spawn(move || {
-            run_thread(load, kind, conns, clients, total, 0x1234_5678 + t)
+            if grpc {
+                run_thread_grpc(load, kind, conns, clients, total, 0x1234_5678 + t)
+            } else {
+                run_thread(load, kind, conns, clients, total, 0x1234_5678 + t)
+            }
         }));
     }
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");

@@ -407,6 +407,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     }
     let gateway = crate::api::v3rpc::Gateway::new(
         bridge_txs,
+        cfg.raft_shard,
         crate::api::v3rpc::MemberInfo {
             id: member_id,
             cluster_id,

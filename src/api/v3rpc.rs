@@ -45,6 +45,8 @@ pub struct Gateway {
 
 struct GatewayInner {
     shards: Vec<mpsc::Sender<BridgeRequest>>,
+    /// Writes go to the shard of the raft actor: one cross-shard hop fewer.
+    raft_shard: usize,
     next: AtomicUsize,
     member: MemberInfo,
 }
@@ -69,11 +71,16 @@ fn not_yet(what: &str) -> Status {
 type Reply<T> = oneshot::Sender<Result<T, KvError>>;
 
 impl Gateway {
-    pub fn new(shards: Vec<mpsc::Sender<BridgeRequest>>, member: MemberInfo) -> Gateway {
-        assert!(!shards.is_empty());
+    pub fn new(
+        shards: Vec<mpsc::Sender<BridgeRequest>>,
+        raft_shard: usize,
+        member: MemberInfo,
+    ) -> Gateway {
+        assert!(raft_shard < shards.len());
         Gateway {
             inner: Arc::new(GatewayInner {
                 shards,
+                raft_shard,
                 next: AtomicUsize::new(0),
                 member,
             }),
@@ -82,10 +89,14 @@ impl Gateway {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> BridgeRequest) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
-        let n = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.shards.len();
+        let req = make(tx);
+        let n = match req {
+            BridgeRequest::Write(..) => self.inner.raft_shard,
+            _ => self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.shards.len(),
+        };
         let mut shard = self.inner.shards[n].clone();
         let stopped = || to_status(KvError::Stopped);
-        shard.send(make(tx)).await.map_err(|_| stopped())?;
+        shard.send(req).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?.map_err(to_status)
     }
 
@@ -550,6 +561,8 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> 
     std::thread::Builder::new()
         .name("corekv-grpc".into())
         .spawn(move || {
+            // One thread: more tokio workers compete with the pinned shards (measured:
+            // 100 clients 20k puts/s with one, 15k with two on the 2-core dev VM).
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
