@@ -135,6 +135,7 @@ fn run_thread_grpc(
         for _ in 0..conns.max(1) {
             let ch = tonic::transport::Endpoint::from_shared(url.clone())
                 .map_err(|e| e.to_string())?
+                .tcp_nodelay(true)
                 .connect()
                 .await
                 .map_err(|e| format!("dial {url}: {e}"))?;

@@ -1,39 +1,86 @@
 #!/usr/bin/env bash
-# Runs the standard native-protocol benchmark set against a fresh single-node corekv on
-# this machine and prints a Markdown table (machine, commit, fsync floor beside the
-# results). Usage: bench/run.sh [extra `corekv serve` flags...]
+# Runs the standard benchmark set on this machine and prints a Markdown report: the fsync
+# floor, then each workload against a fresh etcd (if installed) and a fresh corekv through
+# the same load generator over etcd's gRPC API, plus corekv's native protocol, with
+# hdrhistogram percentiles and ratios against etcd from the same run.
+# Usage: bench/run.sh [extra `corekv serve` flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
-bin=target/release
+bin=$PWD/target/release
 work=$(mktemp -d "${TMPDIR:-/tmp}/corekv-bench.XXXXXX")
-port=$((23000 + RANDOM % 2000))
-ep="127.0.0.1:$port"
-"$bin/corekv" serve --data-dir "$work/data" --listen-native-urls "$ep" "$@" >"$work/serve.log" 2>&1 &
-server=$!
-trap 'kill -9 $server 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do "$bin/corekv" --endpoints "$ep" get probe >/dev/null 2>&1 && break; sleep 0.1; done
+base=$((22000 + RANDOM % 3000))
+ck_native="127.0.0.1:$base" ck_grpc="127.0.0.1:$((base + 1))"
+etcd_client="127.0.0.1:$((base + 2))" etcd_peer="http://127.0.0.1:$((base + 3))"
+pids=()
+trap 'kill -9 "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
+
+"$bin/corekv" serve --data-dir "$work/corekv" --listen-native-urls "$ck_native" \
+  --listen-client-urls "$ck_grpc" "$@" >"$work/corekv.log" 2>&1 &
+pids+=($!)
+have_etcd=0
+if command -v etcd >/dev/null 2>&1; then
+  have_etcd=1
+  etcd --data-dir "$work/etcd" --listen-client-urls "http://$etcd_client" \
+    --advertise-client-urls "http://$etcd_client" --listen-peer-urls "$etcd_peer" >"$work/etcd.log" 2>&1 &
+  pids+=($!)
+fi
+for _ in $(seq 100); do "$bin/corekv" --endpoints "$ck_native" get probe >/dev/null 2>&1 && break; sleep 0.1; done
+sleep 1 # etcd elects itself within a second
 
 echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r)"
 echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), $(date -u +%Y-%m-%dT%H:%MZ)"
-echo "- server flags: ${*:-(defaults)}; loader on the same machine"
+echo "- corekv flags: ${*:-(defaults)}; etcd: $( [ $have_etcd = 1 ] && etcd --version | head -1 || echo 'not installed')"
+echo "- one load generator (corekv-bench) on the same machine; keys 8 B random over 100k, values 256 B"
 echo
-echo "| workload | clients / conns | ops | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |"
-echo "|---|---|---|---|---|---|---|---|---|"
-row() {
-  python3 -c 'import json,sys
-r=json.loads(sys.stdin.read())
-if "qps" in r:
-  print("| %s | %d / %d | %d | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f |" % (r["workload"], r["clients"], r["conns"], r["ok"], r["qps"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"], r["max_ms"]))
-else:
-  print("| %s | - | %d | - | %.3f | - | %.3f | - | %.3f |" % (r["workload"], r["count"], r["p50_ms"], r["p99_ms"], r["max_ms"]))'
+"$bin/corekv-bench" fsync-floor --dir "$work" --count 2000 --json >"$work/floor.json"
+python3 - "$work/floor.json" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['workload']}: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms (4 KiB O_DIRECT write + fdatasync)")
+PY
+echo
+
+run() { # name api endpoint workload args...
+  local name=$1 api=$2 ep=$3; shift 3
+  "$bin/corekv-bench" "$@" --api "$api" --endpoints "$ep" --json | sed "s/^{/{\"server\":\"$name\",/" >>"$work/results.json"
 }
-"$bin/corekv-bench" fsync-floor --dir "$work" --count 2000 --json | while read -r l; do echo "$l" | row; done
-"$bin/corekv-bench" put --endpoints "$ep" --clients 1 --conns 1 --total 5000 --threads 1 --json | row
-"$bin/corekv-bench" put --endpoints "$ep" --clients 100 --conns 10 --total 100000 --json | row
-"$bin/corekv-bench" put --endpoints "$ep" --clients 1000 --conns 100 --total 300000 --json | row
-"$bin/corekv-bench" range --consistency l --endpoints "$ep" --clients 100 --conns 10 --total 100000 --json | row
-"$bin/corekv-bench" range --consistency s --endpoints "$ep" --clients 100 --conns 10 --total 100000 --json | row
+workloads=(
+  "put --clients 1 --conns 1 --total 3000 --threads 1"
+  "put --clients 100 --conns 10 --total 60000"
+  "put --clients 1000 --conns 100 --total 150000"
+  "range --consistency l --clients 100 --conns 10 --total 60000"
+  "range --consistency s --clients 100 --conns 10 --total 60000"
+)
+for w in "${workloads[@]}"; do
+  # shellcheck disable=SC2086
+  { [ $have_etcd = 1 ] && run etcd grpc "$etcd_client" $w; } || true
+  # shellcheck disable=SC2086
+  run corekv grpc "$ck_grpc" $w
+  # shellcheck disable=SC2086
+  run corekv native "$ck_native" $w
+done
+python3 - "$work/results.json" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def cell(r):
+    return f"{r['qps']:,.0f}/s, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f}, p99.9 {r['p999_ms']:.2f}, max {r['max_ms']:.1f}" + (f" ({r['errors']} errors)" if r['errors'] else "")
+print("| workload | clients / conns | etcd gRPC | corekv gRPC | ratio | corekv native | ratio |")
+print("|---|---|---|---|---|---|---|")
+keys = []
+for r in rows:
+    k = (r["workload"], r["clients"], r["conns"])
+    if k not in keys:
+        keys.append(k)
+for k in keys:
+    got = {(r["server"], r["api"]): r for r in rows if (r["workload"], r["clients"], r["conns"]) == k}
+    e, g, n = got.get(("etcd", "grpc")), got.get(("corekv", "grpc")), got.get(("corekv", "native"))
+    ratio = lambda x: f"{x['qps'] / e['qps']:.2f}×" if e and x else "-"
+    print(f"| {k[0]} | {k[1]} / {k[2]} | {cell(e) if e else '-'} | {cell(g)} | {ratio(g)} | {cell(n)} | {ratio(n)} |")
+print()
+print("Latencies in ms (hdrhistogram); ratio = req/s against etcd in this run.")
+PY
 echo
-echo "Group commit (endpoint status -w json, wal):"
-"$bin/corekv" --endpoints "$ep" endpoint status -w json | python3 -c 'import json,sys; w=json.load(sys.stdin)[0]["Status"]["wal"]; print("%d entries in %d synced batches (avg %.1f, max %d per batch); sync p50 %d us, p99 %d us" % (w["entries"], w["batches"], w["entries"]/max(w["batches"],1), w["maxBatch"], w["fsyncP50Micros"], w["fsyncP99Micros"]))'
+echo "corekv group commit (endpoint status -w json, wal):"
+"$bin/corekv" --endpoints "$ck_native" endpoint status -w json | python3 -c 'import json,sys; w=json.load(sys.stdin)[0]["Status"]["wal"]; print("%d entries in %d synced batches (avg %.1f, max %d per batch); sync p50 %d us, p99 %d us" % (w["entries"], w["batches"], w["entries"]/max(w["batches"],1), w["maxBatch"], w["fsyncP50Micros"], w["fsyncP99Micros"]))'

@@ -599,7 +599,16 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> 
                             NotYetBuilt,
                             refuse("election"),
                         ));
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    // Small unary replies must not wait for Nagle + delayed ACK (~40 ms).
+                    let incoming = futures::StreamExt::map(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        |conn| {
+                            if let Ok(s) = &conn {
+                                let _ = s.set_nodelay(true);
+                            }
+                            conn
+                        },
+                    );
                     servers.push(tokio::spawn(async move {
                         if let Err(e) = router.serve_with_incoming(incoming).await {
                             tracing::error!("grpc server on {addr}: {e}");
