@@ -13,13 +13,18 @@ fn python_etcd3_scenario() {
             std::env::var("COREKV_REQUIRE_ETCD").is_err(),
             "COREKV_PYTHON (a python with etcd3 installed) is required in CI"
         );
-        eprintln!("SKIPPED python_etcd3_scenario: set COREKV_PYTHON to a python with etcd3==0.12.0");
+        eprintln!(
+            "SKIPPED python_etcd3_scenario: set COREKV_PYTHON to a python with etcd3==0.12.0"
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("d"), &SMALL_WAL);
     let out = std::process::Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/etcd3_scenario.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/etcd3_scenario.py"
+        ))
         .arg(s.grpc_endpoint())
         .output()
         .expect("run python");
