@@ -102,6 +102,33 @@ enum Kind {
     Range { serializable: bool },
 }
 
+/// One client's loop: `n` requests on random keys through `op(key, value)`, which says
+/// whether the request succeeded. Shared by the native and gRPC modes.
+async fn client_loop<F, Fut>(n: u64, seed: u64, load: &Load, mut op: F) -> (Histogram<u64>, u64)
+where
+    F: FnMut(Vec<u8>, Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut h = new_histogram();
+    let mut rng = seed;
+    let value = vec![b'v'; load.val_size];
+    let mut errors = 0u64;
+    for _ in 0..n {
+        let key = key_of(xorshift(&mut rng) % load.key_space, load.key_size);
+        let start = Instant::now();
+        if op(key, value.clone()).await {
+            let _ = h.record((start.elapsed().as_micros() as u64).max(1));
+        } else {
+            errors += 1;
+        }
+    }
+    (h, errors)
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds")
+}
+
 /// The gRPC variant of `run_thread`: tonic on a current-thread tokio runtime.
 fn run_thread_grpc(
     load: Load,
@@ -145,45 +172,38 @@ fn run_thread_grpc(
         let extra = total % clients.max(1);
         let mut tasks = Vec::new();
         for c in 0..clients {
-            let mut client = KvClient::new(channels[(c % conns.max(1)) as usize].clone());
+            let client = KvClient::new(channels[(c % conns.max(1)) as usize].clone());
             let n = per_client + u64::from(c < extra);
             let load = load.clone();
+            let seed = seed ^ (c + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             tasks.push(tokio::spawn(async move {
-                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                let mut rng = seed ^ (c + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let value = vec![b'v'; load.val_size];
-                let mut errors = 0u64;
-                for _ in 0..n {
-                    let key = key_of(xorshift(&mut rng) % load.key_space, load.key_size);
-                    let start = Instant::now();
-                    let ok = match kind {
-                        Kind::Put => client
-                            .put(PbPut {
-                                key,
-                                value: value.clone(),
-                                ..Default::default()
-                            })
-                            .await
-                            .is_ok(),
-                        Kind::Range { serializable } => client
-                            .range(PbRange {
-                                key,
-                                serializable,
-                                ..Default::default()
-                            })
-                            .await
-                            .is_ok(),
-                    };
-                    if ok {
-                        let _ = h.record((start.elapsed().as_micros() as u64).max(1));
-                    } else {
-                        errors += 1;
+                client_loop(n, seed, &load, |key, value| {
+                    let mut client = client.clone();
+                    async move {
+                        match kind {
+                            Kind::Put => client
+                                .put(PbPut {
+                                    key,
+                                    value,
+                                    ..Default::default()
+                                })
+                                .await
+                                .is_ok(),
+                            Kind::Range { serializable } => client
+                                .range(PbRange {
+                                    key,
+                                    serializable,
+                                    ..Default::default()
+                                })
+                                .await
+                                .is_ok(),
+                        }
                     }
-                }
-                (h, errors)
+                })
+                .await
             }));
         }
-        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut all = new_histogram();
         let mut errors = 0;
         for t in tasks {
             let (h, e) = t.await.map_err(|e| e.to_string())?;
@@ -220,42 +240,35 @@ fn run_thread(
             let client = conn_list[(c % conns.max(1)) as usize].clone();
             let n = per_client + u64::from(c < extra);
             let load = load.clone();
+            let seed = seed ^ (c + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             tasks.push(glommio::spawn_local(async move {
-                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                let mut rng = seed ^ (c + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let value = vec![b'v'; load.val_size];
-                let mut errors = 0u64;
-                for _ in 0..n {
-                    let key = key_of(xorshift(&mut rng) % load.key_space, load.key_size);
-                    let start = Instant::now();
-                    let ok = match kind {
-                        Kind::Put => client
-                            .put(&PutRequest {
-                                key,
-                                value: value.clone(),
-                                ..Default::default()
-                            })
-                            .await
-                            .is_ok(),
-                        Kind::Range { serializable } => client
-                            .range(&RangeRequest {
-                                key,
-                                serializable,
-                                ..Default::default()
-                            })
-                            .await
-                            .is_ok(),
-                    };
-                    if ok {
-                        let _ = h.record((start.elapsed().as_micros() as u64).max(1));
-                    } else {
-                        errors += 1;
+                client_loop(n, seed, &load, |key, value| {
+                    let client = client.clone();
+                    async move {
+                        match kind {
+                            Kind::Put => client
+                                .put(&PutRequest {
+                                    key,
+                                    value,
+                                    ..Default::default()
+                                })
+                                .await
+                                .is_ok(),
+                            Kind::Range { serializable } => client
+                                .range(&RangeRequest {
+                                    key,
+                                    serializable,
+                                    ..Default::default()
+                                })
+                                .await
+                                .is_ok(),
+                        }
                     }
-                }
-                (h, errors)
+                })
+                .await
             }));
         }
-        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut all = new_histogram();
         let mut errors = 0;
         for t in tasks {
             let (h, e) = t.await;
@@ -307,7 +320,7 @@ fn run_load(name: &str, load: Load, kind: Kind) -> Result<(), String> {
             }
         }));
     }
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut all = new_histogram();
     let mut errors = 0;
     for h in handles {
         let (hist, e) = h.join().map_err(|_| "load thread panicked".to_string())??;

@@ -167,7 +167,10 @@ impl Shard {
         Ok((self.header(rev), resp))
     }
 
-    pub async fn write(&self, req: WriteRequest) -> Result<(Header, WriteResponse), KvError> {
+    pub async fn write(
+        self: &Rc<Self>,
+        req: WriteRequest,
+    ) -> Result<(Header, WriteResponse), KvError> {
         validate::check_write(&req, self.settings.max_txn_ops)?;
         let grows = req.may_grow();
         let id = self.next_id();
@@ -194,13 +197,12 @@ impl Shard {
     }
 
     /// Raises the cluster-wide NOSPACE alarm through raft, as etcd's quota check does.
-    fn raise_nospace(&self) {
+    fn raise_nospace(self: &Rc<Self>) {
         if self.nospace_raised.replace(true) {
             return;
         }
         let member_id = self.settings.member_id;
-        let me: Option<Rc<Shard>> = SHARD.with(|s| s.borrow().clone());
-        let Some(me) = me else { return };
+        let me = self.clone();
         glommio::spawn_local(async move {
             let req = WriteRequest::Alarm(AlarmRequest {
                 action: AlarmAction::Activate,
@@ -217,7 +219,10 @@ impl Shard {
         .detach();
     }
 
-    pub async fn alarm(&self, req: AlarmRequest) -> Result<(Header, Vec<AlarmMember>), KvError> {
+    pub async fn alarm(
+        self: &Rc<Self>,
+        req: AlarmRequest,
+    ) -> Result<(Header, Vec<AlarmMember>), KvError> {
         if req.action == AlarmAction::Get {
             let txn = self.backend.read_txn()?;
             let rev = mvcc::current_revision(&self.backend, &txn)?;
@@ -272,11 +277,6 @@ pub fn alarm_name(a: AlarmType) -> &'static str {
         AlarmType::Nospace => "NOSPACE",
         AlarmType::Corrupt => "CORRUPT",
     }
-}
-
-thread_local! {
-    /// This executor's shard (one per thread), for tasks that outlive a request.
-    static SHARD: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
 }
 
 fn to_capnp(e: KvError) -> capnp::Error {
@@ -448,7 +448,6 @@ async fn serve_conn(shard: Rc<Shard>, stream: TcpStream) {
 
 /// Accepts connections on every native URL of this shard until the process exits.
 pub async fn serve(shard: Rc<Shard>, addrs: Vec<String>) -> std::io::Result<()> {
-    SHARD.with(|s| *s.borrow_mut() = Some(shard.clone()));
     let mut accepts = Vec::new();
     for addr in addrs {
         let listener = TcpListener::bind(addr.as_str())?;
