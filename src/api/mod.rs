@@ -1,4 +1,5 @@
 //! Front ends' shared pieces: the native protocol codec and etcd's request checks.
+pub mod gateway;
 pub mod native;
 pub mod v3rpc;
 pub mod validate;

@@ -423,9 +423,10 @@ impl Maintenance for Gateway {
             member_id: a.member_id,
             alarm: alarm_type_from_pb(a.alarm),
         };
-        let (h, alarms) = self.call(|tx| BridgeRequest::Alarm(req, tx)).await?;
+        let (_, alarms) = self.call(|tx| BridgeRequest::Alarm(req, tx)).await?;
         Ok(Response::new(pb::AlarmResponse {
-            header: header(&h),
+            // etcd 3.4 answers alarm requests without a header.
+            header: None,
             alarms: alarms
                 .into_iter()
                 .map(|m| pb::AlarmMember {
@@ -585,20 +586,26 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> 
                     };
                     let limit = max_request_bytes + GRPC_OVERHEAD_BYTES;
                     let g = gateway.clone();
+                    let routes = tonic::service::Routes::new(
+                        KvServer::new(g.clone()).max_decoding_message_size(limit),
+                    )
+                    .add_service(MaintenanceServer::new(g.clone()).max_decoding_message_size(limit))
+                    .add_service(ClusterServer::new(g.clone()).max_decoding_message_size(limit))
+                    .add_service(WatchServer::with_interceptor(NotYetBuilt, refuse("watch")))
+                    .add_service(LeaseServer::with_interceptor(NotYetBuilt, refuse("lease")))
+                    .add_service(AuthServer::with_interceptor(NotYetBuilt, refuse("auth")))
+                    .add_service(LockServer::with_interceptor(NotYetBuilt, refuse("lock")))
+                    .add_service(ElectionServer::with_interceptor(
+                        NotYetBuilt,
+                        refuse("election"),
+                    ));
+                    // The JSON gateway shares the port, as etcd's does.
+                    let routes = tonic::service::Routes::from(
+                        routes.into_axum_router().merge(super::gateway::router(g)),
+                    );
                     let router = tonic::transport::Server::builder()
-                        .add_service(KvServer::new(g.clone()).max_decoding_message_size(limit))
-                        .add_service(
-                            MaintenanceServer::new(g.clone()).max_decoding_message_size(limit),
-                        )
-                        .add_service(ClusterServer::new(g).max_decoding_message_size(limit))
-                        .add_service(WatchServer::with_interceptor(NotYetBuilt, refuse("watch")))
-                        .add_service(LeaseServer::with_interceptor(NotYetBuilt, refuse("lease")))
-                        .add_service(AuthServer::with_interceptor(NotYetBuilt, refuse("auth")))
-                        .add_service(LockServer::with_interceptor(NotYetBuilt, refuse("lock")))
-                        .add_service(ElectionServer::with_interceptor(
-                            NotYetBuilt,
-                            refuse("election"),
-                        ));
+                        .accept_http1(true)
+                        .add_routes(routes);
                     // Small unary replies must not wait for Nagle + delayed ACK (~40 ms).
                     let incoming = futures::StreamExt::map(
                         tokio_stream::wrappers::TcpListenerStream::new(listener),
