@@ -74,15 +74,14 @@ fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
         Some(cs) => cs,
         None => bootstrap(&backend, member_id)?,
     };
-    let recovered = wal::recover(&cfg.wal_path()).map_err(|e| e.to_string())?;
+    let mut recovered = wal::recover(&cfg.wal_path()).map_err(|e| e.to_string())?;
     if let Some(t) = recovered.truncated_at {
         tracing::warn!(offset = t, "wal: recovered from a torn final record");
     }
-    let entries: Vec<_> = recovered
-        .entries
-        .iter()
+    // Moved out, not copied: the WAL actor needs only the segments and the tail.
+    let entries: Vec<_> = std::mem::take(&mut recovered.entries)
+        .into_iter()
         .filter(|e| e.index > applied_index)
-        .cloned()
         .collect();
     if let Some(first) = entries.first() {
         if first.index != applied_index + 1 {

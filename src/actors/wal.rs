@@ -61,7 +61,6 @@ pub struct WalActor {
     /// writes whole blocks).
     tail: Vec<u8>,
     next_segment: Option<JoinHandle<std::io::Result<(DmaFile, PathBuf)>>>,
-    last_index: u64,
     hard_state: HardState,
     stats: WalStats,
     fsync_us: Histogram<u64>,
@@ -145,10 +144,6 @@ impl WalActor {
         start_index: u64,
     ) -> std::io::Result<WalActor> {
         assert!(segment_bytes.is_multiple_of(BLOCK_BYTES) && segment_bytes >= 1 << 20);
-        let last_index = recovered
-            .entries
-            .last()
-            .map_or(start_index.saturating_sub(1), |e| e.index);
         let mut segments: VecDeque<Segment> = recovered.segments.into();
         let (file, offset, tail) = match segments.back() {
             Some(seg) => {
@@ -195,7 +190,6 @@ impl WalActor {
             offset,
             tail,
             next_segment,
-            last_index,
             hard_state: recovered.hard_state.unwrap_or_default(),
             stats: WalStats::default(),
             fsync_us: Histogram::new_with_bounds(1, 60_000_000, 2)
@@ -240,7 +234,6 @@ impl WalActor {
                                 self.rotate(e.index).await;
                             }
                             format::encode_entry(&mut records, e);
-                            self.last_index = e.index;
                         }
                         if let Some(hs) = &hard_state {
                             format::encode_hard_state(&mut records, hs);
