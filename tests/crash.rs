@@ -188,6 +188,22 @@ fn acknowledged_writes_survive_sigkill() {
         last_rev = new_rev;
     }
     // Checkpoints released old segments: segment 0 is gone, a later one is the oldest.
+    // How much the crash rounds wrote depends on timing, so write a fixed 3 MiB more
+    // (several 1 MiB segments, ten checkpoints) before looking.
+    let ep = s.endpoint();
+    block_on(move || async move {
+        let c = Client::connect(&ep).await.expect("connect");
+        for i in 0..3000 {
+            let put = PutRequest {
+                key: format!("fill/{i}").into_bytes(),
+                value: vec![b'f'; 1024],
+                ..Default::default()
+            };
+            c.put(&put).await.expect("fill put");
+        }
+    })
+    .expect("fill executor");
+    std::thread::sleep(Duration::from_millis(500)); // release follows the checkpoint
     let wal = dir.path().join("d/member/wal");
     let seqs: Vec<u64> = std::fs::read_dir(&wal)
         .unwrap()
