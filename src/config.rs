@@ -124,12 +124,33 @@ pub struct ServeConfig {
     /// for wake-up latency; off by default because servers share machines.
     #[arg(long, env = "COREKV_SPIN_BEFORE_PARK_US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub spin_before_park_us: u64,
+    /// Interval of progress notifications to watchers that ask for them (etcd's
+    /// --experimental-watch-progress-notify-interval), e.g. 10m, 30s, 500ms.
+    #[arg(long, alias = "experimental-watch-progress-notify-interval", env = "COREKV_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_positive_duration)]
+    pub watch_progress_notify_interval: std::time::Duration,
+    /// How often the leader records leases' remaining TTLs through raft, so a restart or
+    /// a new leader does not reset them (etcd's --experimental-lease-checkpoint-interval).
+    #[arg(long, alias = "experimental-lease-checkpoint-interval", env = "COREKV_LEASE_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = parse_positive_duration)]
+    pub lease_checkpoint_interval: std::time::Duration,
     /// WAL segment size in bytes (preallocated and zero-filled).
     #[arg(long, env = "COREKV_WAL_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024, hide = true)]
     pub wal_segment_bytes: u64,
 }
 
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s}: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{s}: must be positive"));
+    }
+    Ok(d)
+}
+
 impl ServeConfig {
+    /// etcd's minimum lease TTL: 1.5 election timeouts, rounded up to whole seconds.
+    pub fn min_lease_ttl_secs(&self) -> i64 {
+        (3 * self.election_timeout).div_ceil(2 * 1000).max(1) as i64
+    }
+
     /// Checks cross-flag rules clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
         if self.election_timeout < 5 * self.heartbeat_interval {

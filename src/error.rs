@@ -12,6 +12,8 @@ pub enum Code {
     FailedPrecondition,
     Unavailable,
     Internal,
+    /// Plain Go errors returned by etcd's lock/election services.
+    Unknown,
 }
 
 /// Every error the KV API can return. `Display` is etcd's exact message.
@@ -39,6 +41,16 @@ pub enum KvError {
     NoSpace,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExist,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    #[error("election: no leader")]
+    ElectionNoLeader,
     #[error("etcdserver: too many requests")]
     TooManyRequests,
     #[error("etcdserver: request timed out")]
@@ -58,7 +70,10 @@ impl KvError {
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | RequestTooLarge => Code::InvalidArgument,
-            Compacted | FutureRev => Code::OutOfRange,
+            Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
+            LeaseExist => Code::FailedPrecondition,
+            NotLeader => Code::Unavailable,
+            ElectionNotLeader | ElectionNoLeader => Code::Unknown,
             NoSpace | TooManyRequests => Code::ResourceExhausted,
             LeaseNotFound => Code::NotFound,
             Timeout | Stopped => Code::Unavailable,
@@ -82,6 +97,11 @@ impl KvError {
             FutureRev,
             NoSpace,
             LeaseNotFound,
+            LeaseExist,
+            LeaseTtlTooLarge,
+            NotLeader,
+            ElectionNotLeader,
+            ElectionNoLeader,
             TooManyRequests,
             Timeout,
             Stopped,

@@ -189,6 +189,16 @@ pub enum WriteRequest {
     Txn(TxnRequest),
     Compact(CompactionRequest),
     Alarm(AlarmRequest),
+    /// `id` is chosen by the proposing member (never 0 here) so replicas agree on it.
+    LeaseGrant {
+        id: i64,
+        ttl_secs: i64,
+    },
+    LeaseRevoke {
+        id: i64,
+    },
+    /// Remaining TTLs recorded by the leader, so a restart or new leader does not reset them.
+    LeaseCheckpoint(Vec<(i64, i64)>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +208,42 @@ pub enum WriteResponse {
     Txn(TxnResponse),
     Compact,
     Alarm(Vec<AlarmMember>),
+    LeaseGrant { id: i64, ttl_secs: i64 },
+    LeaseRevoke,
+    LeaseCheckpoint,
+}
+
+/// A lease as stored: its granted TTL and the remaining TTL of the last checkpoint
+/// (0 = none yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: i64,
+    pub ttl_secs: i64,
+    pub remaining_secs: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTimeToLive {
+    pub id: i64,
+    /// Remaining seconds; -1 when the lease does not exist (etcd's answer).
+    pub ttl_secs: i64,
+    pub granted_ttl_secs: i64,
+    pub keys: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One change as a watcher sees it. A delete's `kv` holds only the key and
+/// mod_revision, as etcd's does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub kv: KeyValue,
+    pub prev_kv: Option<KeyValue>,
 }
 
 /// Server status for `endpoint status`, including group-commit statistics.
@@ -252,7 +298,7 @@ impl WriteRequest {
     /// Whether this request can grow the database (refused while NOSPACE is raised).
     pub fn may_grow(&self) -> bool {
         match self {
-            WriteRequest::Put(_) => true,
+            WriteRequest::Put(_) | WriteRequest::LeaseGrant { .. } => true,
             WriteRequest::Txn(t) => txn_has_put(t),
             _ => false,
         }

@@ -1,7 +1,7 @@
 //! `corekv serve`: recovers state from LMDB + WAL, then starts one pinned glommio
 //! executor per shard and the actors the configuration places on each.
 
-use crate::actors::apply::{ApplyActor, ApplySetup};
+use crate::actors::apply::{lease_ticker, ApplyActor, ApplyInput, ApplySetup};
 use crate::actors::network::{self, NetSettings, Shard};
 use crate::actors::raft::{RaftActor, RaftInput, RaftSetup};
 use crate::actors::wal::WalActor;
@@ -238,11 +238,13 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-        ^ ((std::process::id() as u64) << 32);
+        ^ ((std::process::id() as u64) << 32)
+        | 1; // never 0: epoch 0 marks the apply actor's own proposals
     let member_id = cfg.member_id();
     let cluster_id = cfg.cluster_id();
     let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
     let mut mb = Mailboxes::new(shards);
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (bridge_txs, mut bridge_rxs): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| {
             let (tx, rx) = crate::actors::bridge::channel();
@@ -260,6 +262,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         let net_tx = mb.net_to_raft[i].0.take();
         let from_raft = mb.raft_to_net[i].1.take();
         let from_apply = mb.apply_to_net[i].1.take();
+        let lessor_tx = mb.net_to_apply[i].0.take();
+        let watching_here = watching.clone();
         let bridge_rx = bridge_rxs[i].take().expect("one bridge per shard");
         let addrs = addrs.clone();
         let settings = NetSettings {
@@ -269,6 +273,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             cluster_id,
             member_id,
             request_timeout,
+            min_lease_ttl_secs: cfg.min_lease_ttl_secs(),
+            watch_progress_interval: cfg.watch_progress_notify_interval,
         };
         // Endpoints of the actors placed on this shard.
         let raft = if i == cfg.raft_shard {
@@ -321,8 +327,14 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     snapshot_count: cfg.snapshot_count,
                     applied_index,
                     applied_term,
+                    watching: watching.clone(),
+                    lease_checkpoint_interval: cfg.lease_checkpoint_interval,
                 },
                 mb.raft_to_apply.1.take().expect("rx"),
+                mb.net_to_apply
+                    .iter_mut()
+                    .map(|p| p.1.take().expect("rx"))
+                    .collect::<Vec<_>>(),
                 mb.apply_to_net
                     .iter_mut()
                     .map(|p| p.0.take().expect("tx"))
@@ -352,14 +364,22 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     })
                     .detach();
                 }
-                if let Some((setup, apply_rx, to_net, to_raft)) = apply {
+                if let Some((setup, apply_rx, lessor_rxs, to_net, to_raft)) = apply {
                     glommio::spawn_local(async move {
-                        let (inbox, to_net, to_raft) = futures::join!(
-                            connect_rx(apply_rx, |m| m),
+                        let (inbox, lessor_rxs, to_net, to_raft) = futures::join!(
+                            connect_rx(apply_rx, ApplyInput::Raft),
+                            join_all(
+                                lessor_rxs
+                                    .into_iter()
+                                    .map(|r| connect_rx(r, ApplyInput::Lessor))
+                            ),
                             join_all(to_net.into_iter().map(|t| t.connect())),
                             to_raft.connect()
                         );
-                        ApplyActor::new(setup, to_net, to_raft).run(inbox).await;
+                        let mut inputs = futures::stream::select_all(lessor_rxs);
+                        inputs.push(inbox);
+                        inputs.push(lease_ticker());
+                        ApplyActor::new(setup, to_net, to_raft).run(inputs).await;
                     })
                     .detach();
                 }
@@ -384,12 +404,25 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     })
                     .detach();
                 }
-                let (to_raft, from_raft, from_apply) = futures::join!(
+                let (to_raft, to_apply, from_raft, from_apply) = futures::join!(
                     net_tx.expect("tx").connect(),
+                    lessor_tx.expect("tx").connect(),
                     connect_rx(from_raft.expect("rx"), |m| m),
                     connect_rx(from_apply.expect("rx"), |m| m),
                 );
-                let shard = Shard::new(i, epoch, backend, settings, to_raft);
+                let shard = match Shard::new(
+                    i,
+                    epoch,
+                    backend,
+                    settings,
+                    to_raft,
+                    to_apply,
+                    watching_here,
+                ) {
+                    Ok(s) => s,
+                    Err(e) => exit_fatal(format!("shard {i}: {e}")),
+                };
+                glommio::spawn_local(shard.clone().run_watch_hub()).detach();
                 glommio::spawn_local(shard.clone().run_replies(from_raft)).detach();
                 glommio::spawn_local(shard.clone().run_replies(from_apply)).detach();
                 glommio::spawn_local(crate::actors::bridge::serve(shard.clone(), bridge_rx))
@@ -422,6 +455,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                 .map(|s| s.trim().to_string())
                 .collect(),
         },
+        cfg.max_request_bytes as usize,
     );
     if let Err(e) = crate::api::v3rpc::spawn(
         gateway,

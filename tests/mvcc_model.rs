@@ -1,13 +1,14 @@
 //! Model-based property test: random put / delete / txn / compact / range sequences run
 //! against the LMDB MVCC store and a plain in-memory model of etcd's semantics,
-//! including reads at old revisions and after compaction.
+//! including reads at old revisions and after compaction, leases (grant, attach, revoke)
+//! and the watch events each write produces (live and replayed from the store).
 
 use corekv::error::KvError;
 use corekv::model::*;
 use corekv::storage::backend::Backend;
 use corekv::storage::mvcc::{self, Applier};
 use proptest::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 type Snapshot = BTreeMap<Vec<u8>, KeyValue>;
 
@@ -17,6 +18,7 @@ struct Model {
     compacted: i64,
     /// State after each revision (index = revision).
     history: Vec<Snapshot>,
+    leases: BTreeSet<i64>,
 }
 
 impl Model {
@@ -25,6 +27,7 @@ impl Model {
             rev: 1,
             compacted: 0,
             history: vec![Snapshot::new(), Snapshot::new()],
+            leases: BTreeSet::new(),
         }
     }
     fn current(&self) -> Snapshot {
@@ -34,12 +37,13 @@ impl Model {
         self.rev += 1;
         self.history.push(s);
     }
-    fn put(s: &mut Snapshot, key: &[u8], value: &[u8], main: i64) {
+    fn put(s: &mut Snapshot, key: &[u8], value: &[u8], lease: i64, main: i64) {
         let kv = match s.get(key) {
             Some(old) => KeyValue {
                 value: value.to_vec(),
                 mod_revision: main,
                 version: old.version + 1,
+                lease,
                 ..old.clone()
             },
             None => KeyValue {
@@ -48,7 +52,7 @@ impl Model {
                 create_revision: main,
                 mod_revision: main,
                 version: 1,
-                lease: 0,
+                lease,
             },
         };
         s.insert(key.to_vec(), kv);
@@ -94,9 +98,28 @@ impl Model {
         let main = self.rev + 1;
         match req {
             WriteRequest::Put(p) => {
+                if p.lease != 0 && !self.leases.contains(&p.lease) {
+                    return Err(KvError::LeaseNotFound);
+                }
                 let mut s = self.current();
-                Model::put(&mut s, &p.key, &p.value, main);
+                Model::put(&mut s, &p.key, &p.value, p.lease, main);
                 self.commit(s);
+            }
+            WriteRequest::LeaseGrant { id, .. } => {
+                if !self.leases.insert(*id) {
+                    return Err(KvError::LeaseExist);
+                }
+            }
+            WriteRequest::LeaseRevoke { id } => {
+                if !self.leases.remove(id) {
+                    return Err(KvError::LeaseNotFound);
+                }
+                let mut s = self.current();
+                let before = s.len();
+                s.retain(|_, kv| kv.lease != *id);
+                if s.len() != before {
+                    self.commit(s);
+                }
             }
             WriteRequest::DeleteRange(d) => {
                 let mut s = self.current();
@@ -112,7 +135,7 @@ impl Model {
                 for op in ops {
                     match op {
                         RequestOp::Put(p) => {
-                            Model::put(&mut s, &p.key, &p.value, main);
+                            Model::put(&mut s, &p.key, &p.value, p.lease, main);
                             wrote = true;
                         }
                         RequestOp::DeleteRange(d) => {
@@ -134,9 +157,36 @@ impl Model {
                 }
                 self.compacted = c.revision;
             }
-            WriteRequest::Alarm(_) => {}
+            WriteRequest::Alarm(_) | WriteRequest::LeaseCheckpoint(_) => {}
         }
         Ok(())
+    }
+    /// The events of revision `r`, from the difference between its state and the one
+    /// before, in key order.
+    fn events_at(&self, r: usize) -> Vec<Event> {
+        let (old, new) = (&self.history[r - 1], &self.history[r]);
+        let keys: BTreeSet<&Vec<u8>> = old.keys().chain(new.keys()).collect();
+        let mut out = Vec::new();
+        for k in keys {
+            match (old.get(k), new.get(k)) {
+                (prev, Some(kv)) if prev != Some(kv) => out.push(Event {
+                    kind: EventKind::Put,
+                    kv: kv.clone(),
+                    prev_kv: prev.cloned(),
+                }),
+                (Some(prev), None) => out.push(Event {
+                    kind: EventKind::Delete,
+                    kv: KeyValue {
+                        key: k.clone(),
+                        mod_revision: r as i64,
+                        ..Default::default()
+                    },
+                    prev_kv: Some(prev.clone()),
+                }),
+                _ => {}
+            }
+        }
+        out
     }
     fn range(
         &self,
@@ -197,13 +247,16 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let put = (key(), value()).prop_map(|(k, v)| {
+    let put = (key(), value(), 0i64..4).prop_map(|(k, v, lease)| {
         Op::Write(WriteRequest::Put(PutRequest {
             key: k,
             value: v,
+            lease,
             ..Default::default()
         }))
     });
+    let grant = (1i64..4).prop_map(|id| Op::Write(WriteRequest::LeaseGrant { id, ttl_secs: 5 }));
+    let revoke = (1i64..4).prop_map(|id| Op::Write(WriteRequest::LeaseRevoke { id }));
     let del = (key(), end_for()).prop_map(|(k, e)| {
         Op::Write(WriteRequest::DeleteRange(DeleteRangeRequest {
             key: k,
@@ -267,7 +320,7 @@ fn op() -> impl Strategy<Value = Op> {
             rev_back,
             limit,
         });
-    prop_oneof![3 => put, 2 => del, 2 => txn, 1 => compact, 3 => range]
+    prop_oneof![3 => put, 2 => del, 2 => txn, 1 => compact, 3 => range, 1 => grant, 1 => revoke]
 }
 
 proptest! {
@@ -285,12 +338,18 @@ proptest! {
                         c.revision += model.rev;
                     }
                     let mut a = Applier::begin(&b).unwrap();
+                    a.collect_events();
                     let got = a.apply(&req).map(|_| ());
                     let rev = a.revision();
+                    let mut events = a.take_events().unwrap();
                     a.finish(1, 1).unwrap();
+                    let before = model.rev;
                     let want = model.apply(&req);
                     prop_assert_eq!(got, want, "{:?}", req);
                     prop_assert_eq!(rev, model.rev);
+                    events.sort_by(|x, y| x.kv.key.cmp(&y.kv.key));
+                    let want_events = if model.rev > before { model.events_at(model.rev as usize) } else { Vec::new() };
+                    prop_assert_eq!(events, want_events, "events of {:?}", req);
                 }
                 Op::Range { key, end, rev_back, limit } => {
                     let rev = if rev_back == 0 { 0 } else { model.rev + 1 - rev_back };
@@ -302,8 +361,15 @@ proptest! {
                 }
             }
         }
-        // Every revision at or after the compaction point still reads as the model says.
+        // Every revision at or after the compaction point still reads as the model says,
+        // and its events replay from the store as they were produced.
         let txn = b.read_txn().unwrap();
+        for r in (model.compacted + 1).max(2)..=model.rev {
+            let (mut got, next) = mvcc::events_between(&b, &txn, r, r, 1).unwrap();
+            got.sort_by(|x, y| x.kv.key.cmp(&y.kv.key));
+            prop_assert_eq!(next, r + 1);
+            prop_assert_eq!(got, model.events_at(r as usize), "replayed events at {}", r);
+        }
         for r in model.compacted.max(1)..=model.rev {
             let req = RangeRequest { key: vec![0], range_end: vec![0], revision: r, ..Default::default() };
             let got = mvcc::range(&b, &txn, &req).map(|(r, _)| r);

@@ -1,10 +1,12 @@
 //! Apply actor: applies each batch of committed entries in ONE LMDB write txn (with the
 //! applied index and term in the same txn), then answers the waiting requests and the
 //! linearizable reads whose read index is now applied. Every `snapshot_count` entries it
-//! syncs LMDB off the executor and tells the raft actor the log below may go.
+//! syncs LMDB off the executor and tells the raft actor the log below may go. It also
+//! runs the lessor (see `lessor.rs`) and hands each batch's events to the watch hubs.
 
+use super::lessor::Lessor;
 use super::*;
-use crate::model::Header;
+use crate::model::{Header, LeaseTimeToLive};
 use crate::storage::backend::Backend;
 use crate::storage::mvcc::Applier;
 use ::raft::eraftpb::EntryType;
@@ -13,9 +15,29 @@ use glommio::channels::shared_channel::ConnectedSender;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Committed-entry messages merged into one LMDB txn.
 const MAX_MESSAGES_PER_TXN: usize = 256;
+/// How often expired leases are looked for (etcd: 500 ms).
+const LEASE_TICK: Duration = Duration::from_millis(500);
+/// Lease checkpoints per raft entry.
+const MAX_CHECKPOINTS_PER_ENTRY: usize = 1000;
+
+pub enum ApplyInput {
+    Raft(ToApply),
+    Lessor(ToLessor),
+    Tick,
+}
+
+pub fn lease_ticker() -> BoxStream<ApplyInput> {
+    Box::pin(futures::stream::unfold((), |_| async {
+        glommio::timer::sleep(LEASE_TICK).await;
+        Some((ApplyInput::Tick, ()))
+    }))
+}
 
 pub struct ApplyActor {
     backend: Backend,
@@ -30,6 +52,11 @@ pub struct ApplyActor {
     waiting_reads: Vec<(u64, Vec<ReqId>)>,
     to_net: Vec<ConnectedSender<ToNet>>,
     to_raft: Rc<ConnectedSender<ApplyToRaft>>,
+    lessor: Lessor,
+    /// Watchers registered on all shards; events are built only when non-zero.
+    watching: Arc<AtomicUsize>,
+    lease_checkpoint_interval: Duration,
+    last_lease_checkpoint: Instant,
 }
 
 pub struct ApplySetup {
@@ -40,6 +67,8 @@ pub struct ApplySetup {
     pub snapshot_count: u64,
     pub applied_index: u64,
     pub applied_term: u64,
+    pub watching: Arc<AtomicUsize>,
+    pub lease_checkpoint_interval: Duration,
 }
 
 fn fatal(e: impl std::fmt::Display) -> ! {
@@ -57,7 +86,17 @@ impl ApplyActor {
         to_raft: ConnectedSender<ApplyToRaft>,
     ) -> ApplyActor {
         assert!(s.snapshot_count > 0);
+        let stored = s
+            .backend
+            .read_txn()
+            .and_then(|txn| crate::storage::mvcc::leases(&s.backend, &txn))
+            .unwrap_or_else(|e| fatal(format!("loading leases: {e}")));
+        let now = Instant::now();
         ApplyActor {
+            lessor: Lessor::new(stored, now),
+            watching: s.watching,
+            lease_checkpoint_interval: s.lease_checkpoint_interval,
+            last_lease_checkpoint: now,
             backend: s.backend,
             epoch: s.epoch,
             cluster_id: s.cluster_id,
@@ -73,15 +112,22 @@ impl ApplyActor {
         }
     }
 
-    pub async fn run(mut self, mut inbox: BoxStream<ToApply>) {
+    pub async fn run(mut self, mut inbox: futures::stream::SelectAll<BoxStream<ApplyInput>>) {
         while let Some(first) = inbox.next().await {
             let mut entries = Vec::new();
             let mut msg = Some(first);
             let mut taken = 0;
             while let Some(m) = msg.take() {
                 match m {
-                    ToApply::Committed(es) => entries.extend(es),
-                    ToApply::ReadBarrier { index, ids } => self.waiting_reads.push((index, ids)),
+                    ApplyInput::Raft(ToApply::Committed(es)) => entries.extend(es),
+                    ApplyInput::Raft(ToApply::ReadBarrier { index, ids }) => {
+                        self.waiting_reads.push((index, ids))
+                    }
+                    ApplyInput::Raft(ToApply::Leader(is_leader)) => {
+                        self.lessor.set_leader(is_leader, Instant::now())
+                    }
+                    ApplyInput::Lessor(q) => self.answer_lease_query(q).await,
+                    ApplyInput::Tick => self.lease_tick(),
                 }
                 taken += 1;
                 if taken < MAX_MESSAGES_PER_TXN {
@@ -89,7 +135,13 @@ impl ApplyActor {
                 }
             }
             if !entries.is_empty() {
-                let replies = self.apply(entries);
+                let (replies, batch) = self.apply(entries);
+                // Watchers first: a client that sees its write acknowledged and then
+                // starts a watch must not receive the write twice or not at all (the hub
+                // orders registrations after the batches it has seen).
+                if let Some(batch) = batch {
+                    self.send_events(batch).await;
+                }
                 self.send_replies(replies).await;
             }
             self.release_reads().await;
@@ -97,10 +149,14 @@ impl ApplyActor {
         }
     }
 
+    #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
         entries: Vec<::raft::eraftpb::Entry>,
-    ) -> Vec<(ReqId, Header, Result<WriteResponse, KvError>)> {
+    ) -> (
+        Vec<(ReqId, Header, Result<WriteResponse, KvError>)>,
+        Option<Arc<WatchBatch>>,
+    ) {
         let first = entries[0].index;
         assert!(
             first <= self.applied_index + 1,
@@ -108,6 +164,10 @@ impl ApplyActor {
         );
         let mut replies = Vec::new();
         let mut applier = Applier::begin(&self.backend).unwrap_or_else(|e| fatal(e));
+        if self.watching.load(Ordering::Relaxed) > 0 {
+            applier.collect_events();
+        }
+        let rev_before = applier.revision();
         let mut last = (self.applied_index, self.applied_term);
         for e in entries {
             if e.index <= self.applied_index {
@@ -128,6 +188,9 @@ impl ApplyActor {
                 }
             };
             let result = applier.apply(&proposal.req);
+            if let (WriteRequest::LeaseCheckpoint(cps), Ok(_)) = (&proposal.req, &result) {
+                self.lessor.checkpointed(cps);
+            }
             if applier.poisoned() {
                 fatal(format!(
                     "backend write failed at index {}: {result:?}",
@@ -144,10 +207,112 @@ impl ApplyActor {
                 replies.push((proposal.id, header, result));
             }
         }
+        let rev_after = applier.revision();
+        let events = applier.take_events();
+        let lease_changes = applier.take_lease_changes();
         applier.finish(last.0, last.1).unwrap_or_else(|e| fatal(e));
         self.applied_index = last.0;
         self.applied_term = last.1;
-        replies
+        let now = Instant::now();
+        for c in lease_changes {
+            self.lessor.apply(c, now);
+        }
+        assert!(rev_after >= rev_before, "revisions never go back");
+        let batch = (rev_after > rev_before).then(|| {
+            Arc::new(WatchBatch {
+                from_rev: rev_before + 1,
+                to_rev: rev_after,
+                events,
+            })
+        });
+        (replies, batch)
+    }
+
+    /// Every shard's watch hub sees every batch, in order.
+    async fn send_events(&self, batch: Arc<WatchBatch>) {
+        for tx in &self.to_net {
+            let _ = tx.send(ToNet::Events(batch.clone())).await;
+        }
+    }
+
+    async fn answer_lease_query(&mut self, q: ToLessor) {
+        let now = Instant::now();
+        let (id, reply) = match q {
+            ToLessor::KeepAlive { id, lease } => {
+                (id, self.lessor.renew(lease, now).map(LeaseReply::KeepAlive))
+            }
+            ToLessor::TimeToLive { id, lease, keys } => {
+                let ttl = match self.lessor.time_to_live(lease, now) {
+                    None => Ok(LeaseTimeToLive {
+                        id: lease,
+                        ttl_secs: -1,
+                        granted_ttl_secs: 0,
+                        keys: Vec::new(),
+                    }),
+                    Some((remaining, granted)) => {
+                        let keys = if keys {
+                            self.backend.read_txn().and_then(|txn| {
+                                crate::storage::mvcc::lease_attached_keys(
+                                    &self.backend,
+                                    &txn,
+                                    lease,
+                                )
+                            })
+                        } else {
+                            Ok(Vec::new())
+                        };
+                        keys.map(|keys| LeaseTimeToLive {
+                            id: lease,
+                            ttl_secs: remaining,
+                            granted_ttl_secs: granted,
+                            keys,
+                        })
+                    }
+                };
+                (id, ttl.map(LeaseReply::TimeToLive))
+            }
+            ToLessor::Leases { id } => (id, Ok(LeaseReply::Leases(self.lessor.ids()))),
+        };
+        if let Some(tx) = self.to_net.get(shard_of(id)) {
+            let _ = tx.send(ToNet::Lease(id, reply)).await;
+        }
+    }
+
+    /// Leader only: proposes revokes for expired leases and, every interval, checkpoints.
+    fn lease_tick(&mut self) {
+        let now = Instant::now();
+        for id in self.lessor.expired(now) {
+            tracing::debug!(lease = %format!("{id:x}"), "lease expired; revoking");
+            self.propose(WriteRequest::LeaseRevoke { id });
+        }
+        if self.lessor.is_leader()
+            && now.duration_since(self.last_lease_checkpoint) >= self.lease_checkpoint_interval
+        {
+            self.last_lease_checkpoint = now;
+            let min_secs = self.lease_checkpoint_interval.as_secs() as i64;
+            let cps = self.lessor.checkpoints(now, min_secs);
+            for chunk in cps.chunks(MAX_CHECKPOINTS_PER_ENTRY) {
+                self.propose(WriteRequest::LeaseCheckpoint(chunk.to_vec()));
+            }
+        }
+    }
+
+    /// Internal proposals carry epoch 0: nobody waits for their reply. A full mailbox
+    /// drops the proposal; the next tick proposes again.
+    fn propose(&self, req: WriteRequest) {
+        let proposal = Proposal {
+            epoch: 0,
+            id: 0,
+            req,
+        };
+        match postcard::to_allocvec(&proposal) {
+            Ok(data) => {
+                if self.to_raft.try_send(ApplyToRaft::Propose(data)).is_err() {
+                    tracing::debug!("raft mailbox full; internal proposal retried later");
+                }
+            }
+            Err(e) => tracing::error!("encoding internal proposal: {e}"),
+        }
     }
 
     async fn send_replies(&self, replies: Vec<(ReqId, Header, Result<WriteResponse, KvError>)>) {

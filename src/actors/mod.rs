@@ -5,12 +5,14 @@
 
 pub mod apply;
 pub mod bridge;
+pub mod lessor;
 pub mod network;
 pub mod raft;
 pub mod wal;
+pub mod watch;
 
 use crate::error::KvError;
-use crate::model::{Header, WalStats, WriteRequest, WriteResponse};
+use crate::model::{Event, Header, LeaseTimeToLive, WalStats, WriteRequest, WriteResponse};
 use ::raft::eraftpb::{Entry, HardState};
 use futures::Stream;
 use glommio::channels::shared_channel::{self, ConnectedReceiver, SharedReceiver, SharedSender};
@@ -65,12 +67,38 @@ pub enum ToApply {
         index: u64,
         ids: Vec<ReqId>,
     },
+    /// This member became (true) or stopped being (false) the leader.
+    Leader(bool),
+}
+
+/// network -> apply: lease queries the lessor answers (not through raft, as etcd).
+pub enum ToLessor {
+    KeepAlive { id: ReqId, lease: i64 },
+    TimeToLive { id: ReqId, lease: i64, keys: bool },
+    Leases { id: ReqId },
+}
+
+pub enum LeaseReply {
+    /// TTL after renewal; 0 when the lease does not exist.
+    KeepAlive(i64),
+    TimeToLive(LeaseTimeToLive),
+    Leases(Vec<i64>),
+}
+
+/// apply -> every network shard: what one applied batch changed. `events` is None when
+/// nobody watched while it was applied; watchers then read the revisions from the store.
+pub struct WatchBatch {
+    pub from_rev: i64,
+    pub to_rev: i64,
+    pub events: Option<Vec<Event>>,
 }
 
 /// apply -> raft
 pub enum ApplyToRaft {
     /// LMDB is synced up to this index: the raft log and WAL below it can go.
     Checkpointed { index: u64, term: u64 },
+    /// An entry the apply actor proposes itself (lease revokes and checkpoints).
+    Propose(Vec<u8>),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -88,6 +116,8 @@ pub enum ToNet {
     ReadReady(Vec<ReqId>),
     Failed(Vec<ReqId>, KvError),
     Status(ReqId, RaftStatus),
+    Lease(ReqId, Result<LeaseReply, KvError>),
+    Events(std::sync::Arc<WatchBatch>),
 }
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = T>>>;
@@ -110,6 +140,7 @@ pub struct Mailboxes {
     pub net_to_raft: Vec<Mailbox<ToRaft>>,
     pub raft_to_net: Vec<Mailbox<ToNet>>,
     pub apply_to_net: Vec<Mailbox<ToNet>>,
+    pub net_to_apply: Vec<Mailbox<ToLessor>>,
     pub raft_to_wal: Mailbox<ToWal>,
     pub wal_to_raft: Mailbox<Persisted>,
     pub raft_to_apply: Mailbox<ToApply>,
@@ -123,6 +154,9 @@ pub const NET_MAILBOX: usize = 4096;
 pub const WAL_MAILBOX: usize = 256;
 pub const MAX_INFLIGHT_PERSISTS: u64 = 128;
 pub const APPLY_MAILBOX: usize = 1024;
+pub const LESSOR_MAILBOX: usize = 1024;
+/// The apply actor only `try_send`s here (raft also sends to apply: no waiting cycle).
+pub const APPLY_TO_RAFT_MAILBOX: usize = 256;
 
 fn pair<T: Send>(cap: usize) -> Mailbox<T> {
     let (s, r) = shared_channel::new_bounded(cap);
@@ -137,10 +171,11 @@ impl Mailboxes {
             net_to_raft: (0..shards).map(|_| pair(NET_MAILBOX)).collect(),
             raft_to_net: (0..shards).map(|_| pair(NET_MAILBOX)).collect(),
             apply_to_net: (0..shards).map(|_| pair(NET_MAILBOX)).collect(),
+            net_to_apply: (0..shards).map(|_| pair(LESSOR_MAILBOX)).collect(),
             raft_to_wal: pair(WAL_MAILBOX),
             wal_to_raft: pair(WAL_MAILBOX),
             raft_to_apply: pair(APPLY_MAILBOX),
-            apply_to_raft: pair(16),
+            apply_to_raft: pair(APPLY_TO_RAFT_MAILBOX),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! an LMDB read txn, and sends writes and linearizable reads to the raft actor as typed
 //! messages, matching replies by request id. All state here is shard-local.
 
+use super::watch::{StreamId, WatchHub, WatchOut, WatchSpec};
 use super::*;
 use crate::api::{native, validate};
 use crate::kv_capnp::kv;
@@ -17,6 +18,8 @@ use glommio::net::{TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Calls one connection may have in flight; more wait (capnp-rpc has no flow control).
@@ -28,6 +31,7 @@ pub enum Reply {
     ReadReady,
     Failed(KvError),
     Status(RaftStatus),
+    Lease(Result<LeaseReply, KvError>),
 }
 
 pub struct NetSettings {
@@ -37,6 +41,9 @@ pub struct NetSettings {
     pub cluster_id: u64,
     pub member_id: u64,
     pub request_timeout: Duration,
+    /// etcd's minimum lease TTL: 1.5 election timeouts, in whole seconds.
+    pub min_lease_ttl_secs: i64,
+    pub watch_progress_interval: Duration,
 }
 
 pub struct Shard {
@@ -45,10 +52,31 @@ pub struct Shard {
     backend: Backend,
     settings: NetSettings,
     to_raft: ConnectedSender<ToRaft>,
+    to_apply: ConnectedSender<ToLessor>,
     pending: RefCell<HashMap<ReqId, oneshot::Sender<Reply>>>,
     next_seq: Cell<u64>,
-    raft_term: Cell<u64>,
+    raft_term: Rc<Cell<u64>>,
     nospace_raised: Cell<bool>,
+    pub hub: RefCell<WatchHub>,
+    /// Wakes the catch-up task when some watcher is behind.
+    catch_up_kick: glommio::channels::local_channel::LocalSender<()>,
+    catch_up_rx: RefCell<Option<glommio::channels::local_channel::LocalReceiver<()>>>,
+}
+
+/// etcd's idutil generator: the member id's low 16 bits, then milliseconds and a counter.
+fn next_lease_id(member_id: u64) -> i64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SUFFIX: OnceLock<AtomicU64> = OnceLock::new();
+    let suffix = SUFFIX.get_or_init(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        AtomicU64::new(ms << 8)
+    });
+    let low = suffix.fetch_add(1, Ordering::Relaxed) + 1;
+    let id = ((member_id & 0xffff) << 48) | (low & ((1 << 48) - 1));
+    (id & ((1 << 63) - 1)) as i64
 }
 
 impl Shard {
@@ -58,19 +86,88 @@ impl Shard {
         backend: Backend,
         settings: NetSettings,
         to_raft: ConnectedSender<ToRaft>,
-    ) -> Rc<Shard> {
+        to_apply: ConnectedSender<ToLessor>,
+        watching: Arc<AtomicUsize>,
+    ) -> Result<Rc<Shard>, KvError> {
         assert!(shard < (1 << 16), "shard index must fit in a request id");
-        Rc::new(Shard {
+        assert!(epoch != 0, "epoch 0 marks internal proposals");
+        let raft_term = Rc::new(Cell::new(0));
+        let hub = WatchHub::new(
+            backend.clone(),
+            settings.cluster_id,
+            settings.member_id,
+            raft_term.clone(),
+            watching,
+        )?;
+        let (kick, kicked) = glommio::channels::local_channel::new_bounded(1);
+        Ok(Rc::new(Shard {
             shard,
             epoch,
             backend,
             settings,
             to_raft,
+            to_apply,
             pending: RefCell::new(HashMap::new()),
             next_seq: Cell::new(1),
-            raft_term: Cell::new(0),
+            raft_term,
             nospace_raised: Cell::new(false),
+            hub: RefCell::new(hub),
+            catch_up_kick: kick,
+            catch_up_rx: RefCell::new(Some(kicked)),
+        }))
+    }
+
+    /// Runs the hub's catch-up steps while any watcher is behind, and its progress timer.
+    pub async fn run_watch_hub(self: Rc<Self>) {
+        let Some(kicked) = self.catch_up_rx.borrow_mut().take() else {
+            return;
+        };
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(me.settings.watch_progress_interval).await;
+                me.hub.borrow_mut().progress_tick();
+            }
         })
+        .detach();
+        while kicked.recv().await.is_some() {
+            // Bounded by the watchers' progress: each pass sends or waits for room.
+            while self.hub.borrow().has_unsynced() {
+                self.hub.borrow_mut().catch_up();
+                if self.hub.borrow().has_unsynced() {
+                    glommio::timer::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+
+    fn kick_catch_up(&self) {
+        if self.hub.borrow().has_unsynced() {
+            let _ = self.catch_up_kick.try_send(());
+        }
+    }
+
+    pub fn watch_open(&self, stream: StreamId, tx: futures::channel::mpsc::Sender<WatchOut>) {
+        self.hub.borrow_mut().open_stream(stream, tx);
+    }
+
+    pub fn watch_create(&self, stream: StreamId, spec: WatchSpec) {
+        self.hub.borrow_mut().create(stream, spec);
+        self.kick_catch_up();
+    }
+
+    pub fn watch_cancel(&self, stream: StreamId, watch_id: i64) {
+        self.hub.borrow_mut().cancel(stream, watch_id);
+        self.kick_catch_up();
+    }
+
+    pub fn watch_progress(&self, stream: StreamId) {
+        self.hub.borrow_mut().request_progress(stream);
+        self.kick_catch_up();
+    }
+
+    pub fn watch_close(&self, stream: StreamId) {
+        self.hub.borrow_mut().close_stream(stream);
     }
 
     /// Routes replies from the raft and apply actors to the waiting requests.
@@ -92,6 +189,11 @@ impl Shard {
                 ToNet::Status(id, st) => {
                     self.raft_term.set(self.raft_term.get().max(st.term));
                     self.resolve(id, Reply::Status(st))
+                }
+                ToNet::Lease(id, r) => self.resolve(id, Reply::Lease(r)),
+                ToNet::Events(batch) => {
+                    self.hub.borrow_mut().on_batch(&batch);
+                    self.kick_catch_up();
                 }
             }
         }
@@ -117,6 +219,24 @@ impl Shard {
             self.pending.borrow_mut().remove(&id);
             return Err(KvError::Stopped);
         }
+        self.wait_reply(id, rx).await
+    }
+
+    async fn call_lessor(&self, id: ReqId, msg: ToLessor) -> Result<LeaseReply, KvError> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.borrow_mut().insert(id, tx);
+        if self.to_apply.send(msg).await.is_err() {
+            self.pending.borrow_mut().remove(&id);
+            return Err(KvError::Stopped);
+        }
+        match self.wait_reply(id, rx).await? {
+            Reply::Lease(r) => r,
+            Reply::Failed(e) => Err(e),
+            _ => Err(KvError::Internal("unexpected reply to lease query".into())),
+        }
+    }
+
+    async fn wait_reply(&self, id: ReqId, rx: oneshot::Receiver<Reply>) -> Result<Reply, KvError> {
         let timer = glommio::timer::sleep(self.settings.request_timeout);
         match futures::future::select(rx, Box::pin(timer)).await {
             futures::future::Either::Left((Ok(reply), _)) => Ok(reply),
@@ -236,6 +356,78 @@ impl Shard {
         match self.write(WriteRequest::Alarm(req)).await? {
             (h, WriteResponse::Alarm(a)) => Ok((h, a)),
             _ => Err(KvError::Internal("unexpected alarm response".into())),
+        }
+    }
+
+    /// The header for answers that carry the current revision without a raft round.
+    fn current_header(&self) -> Result<Header, KvError> {
+        let txn = self.backend.read_txn()?;
+        let rev = mvcc::current_revision(&self.backend, &txn)?;
+        self.observe_term(&txn)?;
+        Ok(self.header(rev))
+    }
+
+    /// etcd's LeaseGrant: id 0 picks one; TTLs below the minimum are raised to it.
+    pub async fn lease_grant(
+        self: &Rc<Self>,
+        id: i64,
+        ttl_secs: i64,
+    ) -> Result<(Header, i64, i64), KvError> {
+        if ttl_secs > validate::MAX_LEASE_TTL_SECS {
+            return Err(KvError::LeaseTtlTooLarge);
+        }
+        let id = if id == 0 {
+            next_lease_id(self.settings.member_id)
+        } else {
+            id
+        };
+        let ttl_secs = ttl_secs.max(self.settings.min_lease_ttl_secs);
+        match self
+            .write(WriteRequest::LeaseGrant { id, ttl_secs })
+            .await?
+        {
+            (h, WriteResponse::LeaseGrant { id, ttl_secs }) => Ok((h, id, ttl_secs)),
+            _ => Err(KvError::Internal("unexpected lease grant response".into())),
+        }
+    }
+
+    pub async fn lease_revoke(self: &Rc<Self>, id: i64) -> Result<Header, KvError> {
+        let (h, _) = self.write(WriteRequest::LeaseRevoke { id }).await?;
+        Ok(h)
+    }
+
+    /// Renews a lease on the leader: its TTL, or 0 when it no longer exists.
+    pub async fn lease_keepalive(&self, lease: i64) -> Result<(Header, i64), KvError> {
+        let id = self.next_id();
+        match self
+            .call_lessor(id, ToLessor::KeepAlive { id, lease })
+            .await?
+        {
+            LeaseReply::KeepAlive(ttl) => Ok((self.current_header()?, ttl)),
+            _ => Err(KvError::Internal("unexpected keepalive reply".into())),
+        }
+    }
+
+    pub async fn lease_time_to_live(
+        &self,
+        lease: i64,
+        keys: bool,
+    ) -> Result<(Header, LeaseTimeToLive), KvError> {
+        let id = self.next_id();
+        match self
+            .call_lessor(id, ToLessor::TimeToLive { id, lease, keys })
+            .await?
+        {
+            LeaseReply::TimeToLive(t) => Ok((self.current_header()?, t)),
+            _ => Err(KvError::Internal("unexpected time-to-live reply".into())),
+        }
+    }
+
+    pub async fn lease_list(&self) -> Result<(Header, Vec<i64>), KvError> {
+        let id = self.next_id();
+        match self.call_lessor(id, ToLessor::Leases { id }).await? {
+            LeaseReply::Leases(ids) => Ok((self.current_header()?, ids)),
+            _ => Err(KvError::Internal("unexpected lease list reply".into())),
         }
     }
 

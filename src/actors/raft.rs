@@ -43,6 +43,7 @@ pub struct RaftActor {
     next_read_ctx: u64,
     ticks: u64,
     leader: u64,
+    leading: bool,
     wal_stats: crate::model::WalStats,
 }
 
@@ -101,6 +102,7 @@ impl RaftActor {
             next_read_ctx: 1,
             ticks: 0,
             leader: 0,
+            leading: false,
             wal_stats: Default::default(),
         })
     }
@@ -172,6 +174,13 @@ impl RaftActor {
                     self.node.on_persist_ready(self.empty_ready);
                 }
             }
+            RaftInput::Apply(ApplyToRaft::Propose(data)) => {
+                // Lease revokes and checkpoints: meaningless off the leader, retried by
+                // the lessor if lost.
+                if let Err(e) = self.node.propose(Vec::new(), data) {
+                    tracing::debug!("internal proposal dropped: {e}");
+                }
+            }
             RaftInput::Apply(ApplyToRaft::Checkpointed { index, term }) => {
                 self.node.mut_store().compact(index, term);
                 self.node.advance_apply_to(index);
@@ -227,8 +236,15 @@ impl RaftActor {
             let mut rd = self.node.ready();
             if let Some(ss) = rd.ss() {
                 self.leader = ss.leader_id;
-                if ss.raft_state == StateRole::Leader {
+                let leading = ss.raft_state == StateRole::Leader;
+                if leading {
                     tracing::info!(term = self.node.raft.term, "became leader");
+                }
+                if leading != self.leading {
+                    self.leading = leading;
+                    if self.to_apply.send(ToApply::Leader(leading)).await.is_err() {
+                        return;
+                    }
                 }
             }
             // A one-voter group sends no messages; peers arrive with the cluster issue.

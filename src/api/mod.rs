@@ -1,5 +1,7 @@
 //! Front ends' shared pieces: the native protocol codec and etcd's request checks.
 pub mod gateway;
 pub mod native;
+pub mod v3lease;
 pub mod v3rpc;
+pub mod v3watch;
 pub mod validate;

@@ -49,9 +49,10 @@ struct GatewayInner {
     raft_shard: usize,
     next: AtomicUsize,
     member: MemberInfo,
+    max_request_bytes: usize,
 }
 
-fn to_status(e: KvError) -> Status {
+pub(crate) fn to_status(e: KvError) -> Status {
     let code = match e.code() {
         Code::InvalidArgument => tonic::Code::InvalidArgument,
         Code::NotFound => tonic::Code::NotFound,
@@ -60,6 +61,7 @@ fn to_status(e: KvError) -> Status {
         Code::FailedPrecondition => tonic::Code::FailedPrecondition,
         Code::Unavailable => tonic::Code::Unavailable,
         Code::Internal => tonic::Code::Internal,
+        Code::Unknown => tonic::Code::Unknown,
     };
     Status::new(code, e.to_string())
 }
@@ -75,6 +77,7 @@ impl Gateway {
         shards: Vec<mpsc::Sender<BridgeRequest>>,
         raft_shard: usize,
         member: MemberInfo,
+        max_request_bytes: usize,
     ) -> Gateway {
         assert!(raft_shard < shards.len());
         Gateway {
@@ -83,16 +86,22 @@ impl Gateway {
                 raft_shard,
                 next: AtomicUsize::new(0),
                 member,
+                max_request_bytes,
             }),
         }
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> BridgeRequest) -> Result<T, Status> {
+    pub(crate) async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> BridgeRequest,
+    ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         let req = make(tx);
         let n = match req {
-            BridgeRequest::Write(..) => self.inner.raft_shard,
-            _ => self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.shards.len(),
+            BridgeRequest::Write(..)
+            | BridgeRequest::LeaseGrant(..)
+            | BridgeRequest::LeaseRevoke(..) => self.inner.raft_shard,
+            _ => self.pick_shard(),
         };
         let mut shard = self.inner.shards[n].clone();
         let stopped = || to_status(KvError::Stopped);
@@ -100,12 +109,26 @@ impl Gateway {
         rx.await.map_err(|_| stopped())?.map_err(to_status)
     }
 
+    /// Round robin over the shards for reads and watch streams.
+    pub(crate) fn pick_shard(&self) -> usize {
+        self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.shards.len()
+    }
+
+    /// The bridge into one shard (watch streams stay on the shard they opened on).
+    pub(crate) fn shard_sender(&self, n: usize) -> mpsc::Sender<BridgeRequest> {
+        self.inner.shards[n].clone()
+    }
+
+    pub(crate) fn max_request_bytes(&self) -> usize {
+        self.inner.max_request_bytes
+    }
+
     async fn write(&self, req: WriteRequest) -> Result<(Header, WriteResponse), Status> {
         self.call(|tx| BridgeRequest::Write(req, tx)).await
     }
 }
 
-fn header(h: &Header) -> Option<pb::ResponseHeader> {
+pub(crate) fn header(h: &Header) -> Option<pb::ResponseHeader> {
     Some(pb::ResponseHeader {
         cluster_id: h.cluster_id,
         member_id: h.member_id,
@@ -114,7 +137,7 @@ fn header(h: &Header) -> Option<pb::ResponseHeader> {
     })
 }
 
-fn kv_to_pb(kv: KeyValue) -> mvccpb::KeyValue {
+pub(crate) fn kv_to_pb(kv: KeyValue) -> mvccpb::KeyValue {
     mvccpb::KeyValue {
         key: kv.key,
         create_revision: kv.create_revision,
@@ -304,7 +327,8 @@ fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected response type")
 }
 
-type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type BoxStream<T> =
+    Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Services whose features are not built yet: registered so clients get
 /// `Unimplemented` with a message naming the feature (an interceptor answers every call
@@ -312,10 +336,6 @@ type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send
 #[derive(Clone, Copy, Default)]
 pub struct NotYetBuilt;
 
-#[tonic::async_trait]
-impl crate::etcdpb::etcdserverpb::watch_server::Watch for NotYetBuilt {}
-#[tonic::async_trait]
-impl crate::etcdpb::etcdserverpb::lease_server::Lease for NotYetBuilt {}
 #[tonic::async_trait]
 impl crate::etcdpb::etcdserverpb::auth_server::Auth for NotYetBuilt {}
 #[tonic::async_trait]
@@ -591,8 +611,8 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> 
                     )
                     .add_service(MaintenanceServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(ClusterServer::new(g.clone()).max_decoding_message_size(limit))
-                    .add_service(WatchServer::with_interceptor(NotYetBuilt, refuse("watch")))
-                    .add_service(LeaseServer::with_interceptor(NotYetBuilt, refuse("lease")))
+                    .add_service(WatchServer::new(g.clone()).max_decoding_message_size(limit))
+                    .add_service(LeaseServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(AuthServer::with_interceptor(NotYetBuilt, refuse("auth")))
                     .add_service(LockServer::with_interceptor(NotYetBuilt, refuse("lock")))
                     .add_service(ElectionServer::with_interceptor(

@@ -130,13 +130,23 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval>
     Ok((puts, dels))
 }
 
+/// etcd's `lease.MaxLeaseTTL`.
+pub const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
+
 /// Validates any write request as the API layer would.
 pub fn check_write(req: &WriteRequest, max_txn_ops: usize) -> Result<(), KvError> {
     match req {
         WriteRequest::Put(p) => check_put(p),
         WriteRequest::DeleteRange(d) => check_delete(d),
         WriteRequest::Txn(t) => check_txn(t, max_txn_ops),
-        WriteRequest::Compact(_) | WriteRequest::Alarm(_) => Ok(()),
+        WriteRequest::LeaseGrant { ttl_secs, .. } if *ttl_secs > MAX_LEASE_TTL_SECS => {
+            Err(KvError::LeaseTtlTooLarge)
+        }
+        WriteRequest::Compact(_)
+        | WriteRequest::Alarm(_)
+        | WriteRequest::LeaseGrant { .. }
+        | WriteRequest::LeaseRevoke { .. }
+        | WriteRequest::LeaseCheckpoint(_) => Ok(()),
     }
 }
 

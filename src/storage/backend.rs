@@ -26,6 +26,10 @@ pub struct Backend {
     /// user key -> latest revision of that key (+ tombstone flag).
     pub index: Db,
     pub meta: Db,
+    /// lease id (8 bytes big-endian) -> postcard `Lease`.
+    pub lease: Db,
+    /// lease id ++ user key -> (): the keys attached to each lease.
+    pub lease_keys: Db,
 }
 
 impl Backend {
@@ -48,12 +52,16 @@ impl Backend {
         let kv = env.create_database(&mut wtxn, Some("kv"))?;
         let index = env.create_database(&mut wtxn, Some("index"))?;
         let meta = env.create_database(&mut wtxn, Some("meta"))?;
+        let lease = env.create_database(&mut wtxn, Some("lease"))?;
+        let lease_keys = env.create_database(&mut wtxn, Some("lease_keys"))?;
         wtxn.commit()?;
         Ok(Backend {
             env,
             kv,
             index,
             meta,
+            lease,
+            lease_keys,
         })
     }
 

@@ -76,9 +76,13 @@ struct IndexEntry {
     tombstone: bool,
     create_revision: i64,
     version: i64,
+    /// Lease of the live record (0 = none), so a delete can detach it without a read.
+    lease: i64,
 }
 
-const INDEX_ENTRY_BYTES: usize = 33;
+const INDEX_ENTRY_BYTES: usize = 41;
+/// Entries written before leases existed carry no lease field.
+const INDEX_ENTRY_BYTES_V0: usize = 33;
 
 impl IndexEntry {
     fn encode(self) -> [u8; INDEX_ENTRY_BYTES] {
@@ -87,10 +91,11 @@ impl IndexEntry {
         b[16] = self.tombstone as u8;
         b[17..25].copy_from_slice(&self.create_revision.to_be_bytes());
         b[25..33].copy_from_slice(&self.version.to_be_bytes());
+        b[33..41].copy_from_slice(&self.lease.to_be_bytes());
         b
     }
     fn decode(b: &[u8]) -> Result<IndexEntry, KvError> {
-        if b.len() != INDEX_ENTRY_BYTES {
+        if b.len() != INDEX_ENTRY_BYTES && b.len() != INDEX_ENTRY_BYTES_V0 {
             return Err(KvError::Internal("index: bad entry".into()));
         }
         let i64_at = |at: usize| {
@@ -103,6 +108,11 @@ impl IndexEntry {
             tombstone: b[16] != 0,
             create_revision: i64_at(17),
             version: i64_at(25),
+            lease: if b.len() == INDEX_ENTRY_BYTES {
+                i64_at(33)
+            } else {
+                0
+            },
         })
     }
     fn live(self) -> Option<IndexEntry> {
@@ -124,6 +134,92 @@ pub fn alarms(b: &Backend, txn: &RoTxn) -> Result<Vec<AlarmMember>, KvError> {
         Some(bytes) => Ok(postcard::from_bytes(bytes)?),
         None => Ok(Vec::new()),
     }
+}
+
+fn lease_key(id: i64) -> [u8; 8] {
+    (id as u64).to_be_bytes()
+}
+
+fn lease_key_entry(id: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&lease_key(id));
+    k.extend_from_slice(key);
+    k
+}
+
+pub fn lease_get(b: &Backend, txn: &RoTxn, id: i64) -> Result<Option<Lease>, KvError> {
+    match b.lease.get(txn, &lease_key(id))? {
+        Some(bytes) => Ok(Some(postcard::from_bytes(bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// Every lease, for the lessor at start-up and for `lease list`.
+pub fn leases(b: &Backend, txn: &RoTxn) -> Result<Vec<Lease>, KvError> {
+    let mut out = Vec::new();
+    for item in b.lease.iter(txn)? {
+        let (_, v) = item?;
+        out.push(postcard::from_bytes(v)?);
+    }
+    Ok(out)
+}
+
+/// Keys attached to a lease, in key order.
+pub fn lease_attached_keys(b: &Backend, txn: &RoTxn, id: i64) -> Result<Vec<Vec<u8>>, KvError> {
+    let mut out = Vec::new();
+    for item in b.lease_keys.prefix_iter(txn, &lease_key(id))? {
+        let (k, _) = item?;
+        out.push(k[8..].to_vec());
+    }
+    Ok(out)
+}
+
+/// Events with revisions in `[from, to]` in revision order, at most `limit` revisions'
+/// worth (a revision is never split), for watchers catching up from the store. Returns
+/// the events and the next revision to read.
+pub fn events_between(
+    b: &Backend,
+    txn: &RoTxn,
+    from: i64,
+    to: i64,
+    limit: usize,
+) -> Result<(Vec<Event>, i64), KvError> {
+    assert!(limit > 0);
+    let lower = Rev { main: from, sub: 0 }.to_key();
+    let upper = Rev {
+        main: to + 1,
+        sub: 0,
+    }
+    .to_key();
+    let bounds: (Bound<&[u8]>, Bound<&[u8]>) =
+        (Bound::Included(&lower[..]), Bound::Excluded(&upper[..]));
+    let mut out: Vec<Event> = Vec::new();
+    let mut next = to + 1;
+    for item in b.kv.range(txn, &bounds)? {
+        let (k, v) = item?;
+        let rev = Rev::from_key(k)?;
+        if out.len() >= limit && out.last().is_some_and(|e| e.kv.mod_revision != rev.main) {
+            next = rev.main;
+            break;
+        }
+        let rec: Record = postcard::from_bytes(v)?;
+        let prev_kv = match rec.prev {
+            Some(p) => get_record(b, txn, p)?
+                .filter(|r| !r.tombstone)
+                .map(|r| r.to_kv(p)),
+            None => None,
+        };
+        out.push(Event {
+            kind: if rec.tombstone {
+                EventKind::Delete
+            } else {
+                EventKind::Put
+            },
+            kv: rec.to_kv(rev),
+            prev_kv,
+        });
+    }
+    Ok((out, next))
 }
 
 fn get_record(b: &Backend, txn: &RoTxn, rev: Rev) -> Result<Option<Record>, KvError> {
@@ -367,6 +463,16 @@ pub struct Applier<'e> {
     /// Set when a backend write failed: the txn holds a partial request and must not
     /// be committed.
     poisoned: bool,
+    /// Changes for watchers, collected only while someone watches.
+    events: Option<Vec<Event>>,
+    lease_changes: Vec<LeaseChange>,
+}
+
+/// What the in-memory lessor must learn from an applied batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseChange {
+    Granted(Lease),
+    Revoked(i64),
 }
 
 /// Sub-revision counter of the request being applied.
@@ -400,7 +506,29 @@ impl<'e> Applier<'e> {
             alarms,
             alarms_dirty: false,
             poisoned: false,
+            events: None,
+            lease_changes: Vec::new(),
         })
+    }
+
+    /// Collects watch events from here on (see `take_events`).
+    pub fn collect_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// Events of the requests applied so far, in revision order.
+    pub fn take_events(&mut self) -> Option<Vec<Event>> {
+        self.events.take()
+    }
+
+    pub fn take_lease_changes(&mut self) -> Vec<LeaseChange> {
+        std::mem::take(&mut self.lease_changes)
+    }
+
+    /// Marks the batch unusable when a backend write fails part-way through a request.
+    fn poison<T>(&mut self, r: Result<T, heed::Error>) -> Result<T, KvError> {
+        self.poisoned |= r.is_err();
+        Ok(r?)
     }
 
     pub fn revision(&self) -> i64 {
@@ -426,28 +554,130 @@ impl<'e> Applier<'e> {
             main: self.revision + 1,
             sub: 0,
         };
-        let resp = match req {
+        let events_before = self.events.as_ref().map_or(0, Vec::len);
+        let resp = self.apply_one(req, &mut wr);
+        if resp.is_err() {
+            // Validation failed before any write: nothing happened, nothing to watch.
+            if let Some(ev) = &mut self.events {
+                ev.truncate(events_before);
+            }
+        }
+        if wr.sub > 0 {
+            self.revision = wr.main;
+        }
+        resp
+    }
+
+    fn apply_one(
+        &mut self,
+        req: &WriteRequest,
+        wr: &mut WriteRev,
+    ) -> Result<WriteResponse, KvError> {
+        let wr = &mut *wr;
+        Ok(match req {
             WriteRequest::Put(p) => {
                 self.check_put(p)?;
-                WriteResponse::Put(self.put(p, &mut wr)?)
+                WriteResponse::Put(self.put(p, wr)?)
             }
-            WriteRequest::DeleteRange(d) => WriteResponse::DeleteRange(self.delete(d, &mut wr)?),
-            WriteRequest::Txn(t) => WriteResponse::Txn(self.txn(t, &mut wr)?),
+            WriteRequest::DeleteRange(d) => WriteResponse::DeleteRange(self.delete(d, wr)?),
+            WriteRequest::Txn(t) => WriteResponse::Txn(self.txn(t, wr)?),
             WriteRequest::Compact(c) => {
                 self.compact(c.revision)?;
                 WriteResponse::Compact
             }
             WriteRequest::Alarm(a) => WriteResponse::Alarm(self.alarm(a)),
-        };
-        if wr.sub > 0 {
-            self.revision = wr.main;
+            WriteRequest::LeaseGrant { id, ttl_secs } => {
+                self.lease_grant(*id, *ttl_secs)?;
+                WriteResponse::LeaseGrant {
+                    id: *id,
+                    ttl_secs: *ttl_secs,
+                }
+            }
+            WriteRequest::LeaseRevoke { id } => {
+                self.lease_revoke(*id, wr)?;
+                WriteResponse::LeaseRevoke
+            }
+            WriteRequest::LeaseCheckpoint(cps) => {
+                self.lease_checkpoint(cps)?;
+                WriteResponse::LeaseCheckpoint
+            }
+        })
+    }
+
+    fn lease_grant(&mut self, id: i64, ttl_secs: i64) -> Result<(), KvError> {
+        assert!(id != 0, "the proposer picks a lease id");
+        if lease_get(self.b, &self.txn, id)?.is_some() {
+            return Err(KvError::LeaseExist);
         }
-        Ok(resp)
+        let lease = Lease {
+            id,
+            ttl_secs,
+            remaining_secs: 0,
+        };
+        let bytes = postcard::to_allocvec(&lease)?;
+        let r = self.b.lease.put(&mut self.txn, &lease_key(id), &bytes);
+        self.poison(r)?;
+        self.lease_changes.push(LeaseChange::Granted(lease));
+        Ok(())
+    }
+
+    /// Deletes every attached key in one revision, then the lease.
+    fn lease_revoke(&mut self, id: i64, wr: &mut WriteRev) -> Result<(), KvError> {
+        if lease_get(self.b, &self.txn, id)?.is_none() {
+            return Err(KvError::LeaseNotFound);
+        }
+        for key in lease_attached_keys(self.b, &self.txn, id)? {
+            let d = DeleteRangeRequest {
+                key,
+                range_end: Vec::new(),
+                prev_kv: false,
+            };
+            self.delete(&d, wr)?;
+        }
+        let r = self.b.lease.delete(&mut self.txn, &lease_key(id));
+        self.poison(r)?;
+        self.lease_changes.push(LeaseChange::Revoked(id));
+        Ok(())
+    }
+
+    fn lease_checkpoint(&mut self, cps: &[(i64, i64)]) -> Result<(), KvError> {
+        for &(id, remaining_secs) in cps {
+            // A lease revoked since the leader took the checkpoint is simply gone.
+            if let Some(mut l) = lease_get(self.b, &self.txn, id)? {
+                l.remaining_secs = remaining_secs;
+                let bytes = postcard::to_allocvec(&l)?;
+                let r = self.b.lease.put(&mut self.txn, &lease_key(id), &bytes);
+                self.poison(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a key's lease attachment from `old` to `new` (either may be 0 = none).
+    fn reattach(&mut self, key: &[u8], old: i64, new: i64) -> Result<(), KvError> {
+        if old == new {
+            return Ok(());
+        }
+        if old != 0 {
+            let r = self
+                .b
+                .lease_keys
+                .delete(&mut self.txn, &lease_key_entry(old, key));
+            self.poison(r)?;
+        }
+        if new != 0 {
+            let r = self
+                .b
+                .lease_keys
+                .put(&mut self.txn, &lease_key_entry(new, key), &[]);
+            self.poison(r)?;
+        }
+        Ok(())
     }
 
     fn check_put(&self, p: &PutRequest) -> Result<(), KvError> {
-        if p.lease != 0 && !p.ignore_lease {
-            return Err(KvError::LeaseNotFound); // no lease exists until leases are built
+        if p.lease != 0 && !p.ignore_lease && lease_get(self.b, &self.txn, p.lease)?.is_none() {
+            return Err(KvError::LeaseNotFound);
         }
         if p.ignore_value || p.ignore_lease {
             let live = match self.b.index.get(&self.txn, &p.key)? {
@@ -482,6 +712,7 @@ impl<'e> Applier<'e> {
             tombstone: rec.tombstone,
             create_revision: rec.create_revision,
             version: rec.version,
+            lease: rec.lease,
         };
         self.b.index.put(&mut self.txn, &rec.key, &entry.encode())?;
         Ok(())
@@ -490,11 +721,10 @@ impl<'e> Applier<'e> {
     fn put(&mut self, p: &PutRequest, wr: &mut WriteRev) -> Result<PutResponse, KvError> {
         let entry = self.index_get(&p.key)?;
         let live = entry.and_then(IndexEntry::live);
-        // The previous record is read only when the request needs its contents.
+        // The previous record is read only when the request or a watcher needs it.
+        let need_prev = p.prev_kv || p.ignore_value || p.ignore_lease || self.events.is_some();
         let prev = match live {
-            Some(e) if p.prev_kv || p.ignore_value || p.ignore_lease => {
-                get_record(self.b, &self.txn, e.latest)?.map(|r| (e.latest, r))
-            }
+            Some(e) if need_prev => get_record(self.b, &self.txn, e.latest)?.map(|r| (e.latest, r)),
             _ => None,
         };
         let rev = wr.next();
@@ -513,13 +743,18 @@ impl<'e> Applier<'e> {
             tombstone: false,
             prev: entry.map(|e| e.latest),
         };
+        self.reattach(&rec.key, live.map_or(0, |e| e.lease), rec.lease)?;
         self.write_record(rev, &rec)?;
+        let prev_kv = prev.map(|(r, old)| old.to_kv(r));
+        if let Some(ev) = &mut self.events {
+            ev.push(Event {
+                kind: EventKind::Put,
+                kv: rec.to_kv(rev),
+                prev_kv: prev_kv.clone(),
+            });
+        }
         Ok(PutResponse {
-            prev_kv: if p.prev_kv {
-                prev.map(|(r, rec)| rec.to_kv(r))
-            } else {
-                None
-            },
+            prev_kv: if p.prev_kv { prev_kv } else { None },
         })
     }
 
@@ -528,11 +763,11 @@ impl<'e> Applier<'e> {
         d: &DeleteRangeRequest,
         wr: &mut WriteRev,
     ) -> Result<DeleteRangeResponse, KvError> {
-        // Live keys from the index alone; records are read only for prev_kv.
-        let mut live: Vec<(Vec<u8>, Rev)> = Vec::new();
+        // Live keys from the index alone; records are read only for prev_kv and watchers.
+        let mut live: Vec<(Vec<u8>, Rev, i64)> = Vec::new();
         for_each_key(self.b, &self.txn, &d.key, &d.range_end, |k, e| {
             if !e.tombstone {
-                live.push((k.to_vec(), e.latest));
+                live.push((k.to_vec(), e.latest, e.lease));
             }
             Ok(true)
         })?;
@@ -540,12 +775,14 @@ impl<'e> Applier<'e> {
             deleted: live.len() as i64,
             prev_kvs: Vec::new(),
         };
-        for (key, rev) in live {
-            if d.prev_kv {
-                if let Some(rec) = get_record(self.b, &self.txn, rev)? {
-                    resp.prev_kvs.push(rec.to_kv(rev));
-                }
-            }
+        let need_prev = d.prev_kv || self.events.is_some();
+        for (key, rev, lease) in live {
+            let prev_kv = if need_prev {
+                get_record(self.b, &self.txn, rev)?.map(|rec| rec.to_kv(rev))
+            } else {
+                None
+            };
+            self.reattach(&key, lease, 0)?;
             let tomb = Record {
                 key,
                 value: Vec::new(),
@@ -557,6 +794,16 @@ impl<'e> Applier<'e> {
             };
             let at = wr.next();
             self.write_record(at, &tomb)?;
+            if let Some(ev) = &mut self.events {
+                ev.push(Event {
+                    kind: EventKind::Delete,
+                    kv: tomb.to_kv(at),
+                    prev_kv: prev_kv.clone(),
+                });
+            }
+            if d.prev_kv {
+                resp.prev_kvs.extend(prev_kv);
+            }
         }
         Ok(resp)
     }

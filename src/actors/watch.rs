@@ -1,0 +1,630 @@
+//! Watch fan-out hub, one per shard: the watchers of the streams (gRPC watch streams,
+//! native connections) served on this shard. The apply actor sends every applied batch
+//! to every hub; each hub matches it against its own watchers, so fan-out work spreads
+//! over the cores where the clients are.
+//!
+//! Synced watchers get events straight from the batch. A watcher starting at an older
+//! revision, or whose stream was full when a batch came (a slow consumer), is *unsynced*:
+//! it reads the revisions it missed from LMDB, in bounded steps, until it reaches the
+//! hub's revision. Nothing ever blocks the apply path and no event is dropped: a
+//! watcher's `next_rev` advances only when a send succeeded.
+
+use super::WatchBatch;
+use crate::model::{prefix_end, Event, EventKind, Header};
+use crate::storage::backend::Backend;
+use crate::storage::mvcc;
+use futures::channel::mpsc;
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub type StreamId = u64;
+/// Messages buffered per stream before its watchers fall back to catching up.
+pub const STREAM_BUFFER: usize = 256;
+/// Control messages (created, canceled) a stream may owe before it is closed.
+const MAX_PENDING_CONTROL: usize = 4096;
+/// Events read from LMDB per catch-up step.
+pub const MAX_CATCHUP_EVENTS: usize = 8192;
+/// etcd's auto watch id.
+const AUTO_WATCH_ID: i64 = 0;
+
+#[derive(Clone, Debug, Default)]
+pub struct WatchSpec {
+    pub key: Vec<u8>,
+    /// etcd's range end: empty = one key, "\0" = every key from `key` on.
+    pub range_end: Vec<u8>,
+    /// 0 = from the next revision.
+    pub start_rev: i64,
+    pub watch_id: i64,
+    pub prev_kv: bool,
+    pub no_put: bool,
+    pub no_delete: bool,
+    pub progress_notify: bool,
+    pub fragment: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum WatchOut {
+    Created {
+        header: Header,
+        watch_id: i64,
+        /// Set when the watch could not be created: it is canceled with this reason.
+        error: Option<String>,
+    },
+    Events {
+        header: Header,
+        watch_id: i64,
+        events: Vec<Event>,
+        fragment: bool,
+    },
+    Canceled {
+        header: Header,
+        watch_id: i64,
+        compact_revision: i64,
+        reason: String,
+    },
+    /// watch_id -1: a progress report for the whole stream.
+    Progress { header: Header, watch_id: i64 },
+}
+
+struct Stream {
+    tx: mpsc::Sender<WatchOut>,
+    watchers: HashMap<i64, u64>,
+    next_auto_id: i64,
+    /// Control messages owed because the stream was full; sent before any more events.
+    pending: VecDeque<WatchOut>,
+}
+
+struct Watcher {
+    stream: StreamId,
+    spec: WatchSpec,
+    /// The first revision not yet delivered.
+    next_rev: i64,
+    synced: bool,
+    notified: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Key,
+    Prefix,
+    Range,
+}
+
+fn shape(spec: &WatchSpec) -> Shape {
+    if spec.range_end.is_empty() {
+        Shape::Key
+    } else if !spec.key.is_empty() && spec.range_end == prefix_end(&spec.key) {
+        Shape::Prefix
+    } else {
+        Shape::Range
+    }
+}
+
+fn matches(spec: &WatchSpec, ev: &Event) -> bool {
+    crate::model::in_range(&ev.kv.key, &spec.key, &spec.range_end)
+        && !(spec.no_put && ev.kind == EventKind::Put)
+        && !(spec.no_delete && ev.kind == EventKind::Delete)
+}
+
+fn for_watcher(spec: &WatchSpec, ev: &Event) -> Event {
+    let mut e = ev.clone();
+    if !spec.prev_kv {
+        e.prev_kv = None;
+    }
+    e
+}
+
+pub struct WatchHub {
+    backend: Backend,
+    cluster_id: u64,
+    member_id: u64,
+    raft_term: Rc<Cell<u64>>,
+    /// Every event up to this revision has been offered to the synced watchers.
+    last_rev: i64,
+    streams: HashMap<StreamId, Stream>,
+    watchers: HashMap<u64, Watcher>,
+    next_wid: u64,
+    by_key: HashMap<Vec<u8>, Vec<u64>>,
+    by_prefix: HashMap<Vec<u8>, Vec<u64>>,
+    /// Prefix lengths in use, so a key is looked up only at those lengths.
+    prefix_lens: BTreeMap<usize, usize>,
+    ranges: Vec<u64>,
+    unsynced: usize,
+    watching: Arc<AtomicUsize>,
+}
+
+impl WatchHub {
+    pub fn new(
+        backend: Backend,
+        cluster_id: u64,
+        member_id: u64,
+        raft_term: Rc<Cell<u64>>,
+        watching: Arc<AtomicUsize>,
+    ) -> Result<WatchHub, crate::error::KvError> {
+        let last_rev = {
+            let txn = backend.read_txn()?;
+            mvcc::current_revision(&backend, &txn)?
+        };
+        Ok(WatchHub {
+            backend,
+            cluster_id,
+            member_id,
+            raft_term,
+            last_rev,
+            streams: HashMap::new(),
+            watchers: HashMap::new(),
+            next_wid: 1,
+            by_key: HashMap::new(),
+            by_prefix: HashMap::new(),
+            prefix_lens: BTreeMap::new(),
+            ranges: Vec::new(),
+            unsynced: 0,
+            watching,
+        })
+    }
+
+    fn header(&self) -> Header {
+        Header {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision: self.last_rev,
+            raft_term: self.raft_term.get(),
+        }
+    }
+
+    pub fn has_unsynced(&self) -> bool {
+        self.unsynced > 0 || self.streams.values().any(|s| !s.pending.is_empty())
+    }
+
+    pub fn watcher_count(&self) -> usize {
+        self.watchers.len()
+    }
+
+    pub fn open_stream(&mut self, id: StreamId, tx: mpsc::Sender<WatchOut>) {
+        let s = Stream {
+            tx,
+            watchers: HashMap::new(),
+            next_auto_id: 0,
+            pending: VecDeque::new(),
+        };
+        let old = self.streams.insert(id, s);
+        assert!(old.is_none(), "stream ids are unique");
+    }
+
+    pub fn close_stream(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.remove(&id) {
+            for wid in s.watchers.into_values() {
+                self.remove_watcher(wid);
+            }
+        }
+    }
+
+    /// Sends a control message in order: behind any still owed, else directly.
+    fn control(&mut self, stream: StreamId, msg: WatchOut) {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if s.pending.is_empty() {
+            match s.tx.try_send(msg) {
+                Ok(()) => return,
+                Err(e) if e.is_full() => s.pending.push_back(e.into_inner()),
+                Err(_) => return, // receiver gone; the stream is being closed
+            }
+        } else {
+            s.pending.push_back(msg);
+        }
+        if s.pending.len() > MAX_PENDING_CONTROL {
+            tracing::warn!(stream, "watch stream not reading; closing it");
+            self.close_stream(stream);
+        }
+    }
+
+    pub fn create(&mut self, stream: StreamId, mut spec: WatchSpec) {
+        let header = self.header();
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        // etcd: an empty key watches from "\0"; an end of "\0" means every key after it.
+        if spec.key.is_empty() {
+            spec.key = vec![0];
+        }
+        let error = if !spec.range_end.is_empty()
+            && spec.range_end != [0]
+            && spec.key.as_slice() >= spec.range_end.as_slice()
+        {
+            Some("mvcc: watcher range is empty".to_string())
+        } else if spec.watch_id != AUTO_WATCH_ID && s.watchers.contains_key(&spec.watch_id) {
+            Some("mvcc: duplicate watch ID provided on the WatchStream".to_string())
+        } else {
+            None
+        };
+        let watch_id = if error.is_some() {
+            -1
+        } else if spec.watch_id != AUTO_WATCH_ID {
+            spec.watch_id
+        } else {
+            while s.watchers.contains_key(&s.next_auto_id) {
+                s.next_auto_id += 1;
+            }
+            s.next_auto_id += 1;
+            s.next_auto_id - 1
+        };
+        if error.is_some() {
+            let msg = WatchOut::Created {
+                header,
+                watch_id,
+                error,
+            };
+            self.control(stream, msg);
+            return;
+        }
+        spec.watch_id = watch_id;
+        // "From now" is the store's revision, which may be ahead of the batches this hub
+        // has seen: a client that saw its put acknowledged must not get it as an event.
+        let store_rev = self
+            .backend
+            .read_txn()
+            .and_then(|t| mvcc::current_revision(&self.backend, &t))
+            .unwrap_or(self.last_rev);
+        let next_rev = if spec.start_rev > 0 {
+            spec.start_rev
+        } else {
+            store_rev.max(self.last_rev) + 1
+        };
+        let wid = self.next_wid;
+        self.next_wid += 1;
+        s.watchers.insert(watch_id, wid);
+        self.index(wid, &spec);
+        let synced = next_rev > self.last_rev;
+        if !synced {
+            self.unsynced += 1;
+        }
+        self.watchers.insert(
+            wid,
+            Watcher {
+                stream,
+                spec,
+                next_rev,
+                synced,
+                notified: false,
+            },
+        );
+        self.watching.fetch_add(1, Ordering::Relaxed);
+        let msg = WatchOut::Created {
+            header,
+            watch_id,
+            error: None,
+        };
+        self.control(stream, msg);
+        if !self
+            .streams
+            .get(&stream)
+            .is_some_and(|s| s.pending.is_empty())
+        {
+            self.unsync(wid, next_rev); // its events must follow the owed "created"
+        }
+    }
+
+    fn index(&mut self, wid: u64, spec: &WatchSpec) {
+        match shape(spec) {
+            Shape::Key => self.by_key.entry(spec.key.clone()).or_default().push(wid),
+            Shape::Prefix => {
+                self.by_prefix
+                    .entry(spec.key.clone())
+                    .or_default()
+                    .push(wid);
+                *self.prefix_lens.entry(spec.key.len()).or_default() += 1;
+            }
+            Shape::Range => self.ranges.push(wid),
+        }
+    }
+
+    fn unindex(&mut self, wid: u64, spec: &WatchSpec) {
+        fn drop_from(map: &mut HashMap<Vec<u8>, Vec<u64>>, key: &[u8], wid: u64) {
+            if let Some(v) = map.get_mut(key) {
+                v.retain(|w| *w != wid);
+                if v.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+        match shape(spec) {
+            Shape::Key => drop_from(&mut self.by_key, &spec.key, wid),
+            Shape::Prefix => {
+                drop_from(&mut self.by_prefix, &spec.key, wid);
+                if let Some(n) = self.prefix_lens.get_mut(&spec.key.len()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.prefix_lens.remove(&spec.key.len());
+                    }
+                }
+            }
+            Shape::Range => self.ranges.retain(|w| *w != wid),
+        }
+    }
+
+    fn remove_watcher(&mut self, wid: u64) -> Option<Watcher> {
+        let w = self.watchers.remove(&wid)?;
+        self.unindex(wid, &w.spec);
+        if !w.synced {
+            self.unsynced -= 1;
+        }
+        self.watching.fetch_sub(1, Ordering::Relaxed);
+        Some(w)
+    }
+
+    pub fn cancel(&mut self, stream: StreamId, watch_id: i64) {
+        let Some(wid) = self
+            .streams
+            .get_mut(&stream)
+            .and_then(|s| s.watchers.remove(&watch_id))
+        else {
+            return; // etcd answers nothing for an unknown id
+        };
+        self.remove_watcher(wid);
+        let msg = WatchOut::Canceled {
+            header: self.header(),
+            watch_id,
+            compact_revision: 0,
+            reason: String::new(),
+        };
+        self.control(stream, msg);
+    }
+
+    /// A progress report for the whole stream (etcd's RequestProgress).
+    pub fn request_progress(&mut self, stream: StreamId) {
+        let msg = WatchOut::Progress {
+            header: self.header(),
+            watch_id: -1,
+        };
+        self.control(stream, msg);
+    }
+
+    fn unsync(&mut self, wid: u64, from_rev: i64) {
+        if let Some(w) = self.watchers.get_mut(&wid) {
+            w.next_rev = w.next_rev.max(from_rev);
+            if w.synced {
+                w.synced = false;
+                self.unsynced += 1;
+            }
+        }
+    }
+
+    /// Watchers whose key space may contain `key`.
+    fn candidates(&self, key: &[u8], out: &mut Vec<u64>) {
+        if let Some(v) = self.by_key.get(key) {
+            out.extend_from_slice(v);
+        }
+        for (&len, _) in self.prefix_lens.range(..=key.len()) {
+            if let Some(v) = self.by_prefix.get(&key[..len]) {
+                out.extend_from_slice(v);
+            }
+        }
+        out.extend_from_slice(&self.ranges);
+    }
+
+    /// Offers one applied batch to the synced watchers.
+    pub fn on_batch(&mut self, batch: &WatchBatch) {
+        if batch.to_rev <= self.last_rev {
+            return; // already in the store when this hub started
+        }
+        let from_rev = batch.from_rev.max(self.last_rev + 1);
+        self.last_rev = batch.to_rev;
+        if self.watchers.is_empty() {
+            return;
+        }
+        let Some(events) = &batch.events else {
+            // Applied while nobody watched: whoever watches now reads it from the store.
+            let synced: Vec<u64> = self
+                .watchers
+                .iter()
+                .filter(|(_, w)| w.synced)
+                .map(|(id, _)| *id)
+                .collect();
+            for wid in synced {
+                self.unsync(wid, from_rev);
+            }
+            return;
+        };
+        let mut per_watcher: HashMap<u64, Vec<Event>> = HashMap::new();
+        let mut cands = Vec::new();
+        for ev in events.iter().filter(|e| e.kv.mod_revision >= from_rev) {
+            cands.clear();
+            self.candidates(&ev.kv.key, &mut cands);
+            for wid in &cands {
+                let Some(w) = self.watchers.get(wid) else {
+                    continue;
+                };
+                if w.synced && ev.kv.mod_revision >= w.next_rev && matches(&w.spec, ev) {
+                    per_watcher
+                        .entry(*wid)
+                        .or_default()
+                        .push(for_watcher(&w.spec, ev));
+                }
+            }
+        }
+        let header = self.header();
+        let mut dead = Vec::new();
+        for (wid, evs) in per_watcher {
+            let Some(w) = self.watchers.get_mut(&wid) else {
+                continue;
+            };
+            let Some(s) = self.streams.get_mut(&w.stream) else {
+                continue;
+            };
+            let msg = WatchOut::Events {
+                header,
+                watch_id: w.spec.watch_id,
+                events: evs,
+                fragment: w.spec.fragment,
+            };
+            let sent = if s.pending.is_empty() {
+                s.tx.try_send(msg)
+                    .map_err(|e| e.is_disconnected().then_some(w.stream))
+            } else {
+                Err(None)
+            };
+            match sent {
+                Ok(()) => {
+                    w.next_rev = batch.to_rev + 1;
+                    w.notified = true;
+                }
+                Err(Some(stream)) => dead.push(stream),
+                Err(None) => self.unsync(wid, from_rev),
+            }
+        }
+        for stream in dead {
+            self.close_stream(stream);
+        }
+    }
+
+    /// One bounded catch-up step for unsynced watchers: owed control messages first, then
+    /// compaction checks, then one read of the store shared by every unsynced watcher.
+    pub fn catch_up(&mut self) {
+        let stream_ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        let mut dead = Vec::new();
+        for id in stream_ids {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            if s.tx.is_closed() {
+                dead.push(id);
+                continue;
+            }
+            while let Some(msg) = s.pending.pop_front() {
+                match s.tx.try_send(msg) {
+                    Ok(()) => {}
+                    Err(e) if e.is_full() => {
+                        s.pending.push_front(e.into_inner());
+                        break;
+                    }
+                    Err(_) => {
+                        dead.push(id);
+                        break;
+                    }
+                }
+            }
+        }
+        for id in dead {
+            self.close_stream(id);
+        }
+        if self.unsynced == 0 {
+            return;
+        }
+        if let Err(e) = self.catch_up_from_store() {
+            tracing::error!("watch catch-up: {e}");
+        }
+    }
+
+    fn catch_up_from_store(&mut self) -> Result<(), crate::error::KvError> {
+        let backend = self.backend.clone();
+        let txn = backend.read_txn()?;
+        let compacted = mvcc::compacted_revision(&backend, &txn)?;
+        let ready = |hub: &WatchHub, w: &Watcher| {
+            !w.synced
+                && hub
+                    .streams
+                    .get(&w.stream)
+                    .is_some_and(|s| s.pending.is_empty())
+        };
+        let doomed: Vec<u64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| ready(self, w) && w.next_rev < compacted)
+            .map(|(id, _)| *id)
+            .collect();
+        for wid in doomed {
+            if let Some(w) = self.remove_watcher(wid) {
+                if let Some(s) = self.streams.get_mut(&w.stream) {
+                    s.watchers.remove(&w.spec.watch_id);
+                }
+                let msg = WatchOut::Canceled {
+                    header: self.header(),
+                    watch_id: w.spec.watch_id,
+                    compact_revision: compacted,
+                    // etcd sends no reason: clients derive the error from the revision.
+                    reason: String::new(),
+                };
+                self.control(w.stream, msg);
+            }
+        }
+        let waiting: Vec<u64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| ready(self, w))
+            .map(|(id, _)| *id)
+            .collect();
+        let Some(from) = waiting
+            .iter()
+            .filter_map(|id| self.watchers.get(id).map(|w| w.next_rev))
+            .min()
+        else {
+            return Ok(());
+        };
+        let to = self.last_rev;
+        let (events, next) = if from <= to {
+            mvcc::events_between(&backend, &txn, from, to, MAX_CATCHUP_EVENTS)?
+        } else {
+            (Vec::new(), to + 1)
+        };
+        let header = self.header();
+        for wid in waiting {
+            let Some(w) = self.watchers.get_mut(&wid) else {
+                continue;
+            };
+            let evs: Vec<Event> = events
+                .iter()
+                .filter(|e| {
+                    e.kv.mod_revision >= w.next_rev
+                        && e.kv.mod_revision < next
+                        && matches(&w.spec, e)
+                })
+                .map(|e| for_watcher(&w.spec, e))
+                .collect();
+            if !evs.is_empty() {
+                let Some(s) = self.streams.get_mut(&w.stream) else {
+                    continue;
+                };
+                let msg = WatchOut::Events {
+                    header,
+                    watch_id: w.spec.watch_id,
+                    events: evs,
+                    fragment: w.spec.fragment,
+                };
+                if s.tx.try_send(msg).is_err() {
+                    continue; // still slow: try again next step
+                }
+                w.notified = true;
+            }
+            w.next_rev = w.next_rev.max(next);
+            if w.next_rev > self.last_rev {
+                w.synced = true;
+                self.unsynced -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Periodic progress notification to synced watchers that asked for it and got no
+    /// events since the last one.
+    pub fn progress_tick(&mut self) {
+        let header = self.header();
+        for w in self.watchers.values_mut() {
+            let notified = std::mem::take(&mut w.notified);
+            if !w.spec.progress_notify || !w.synced || notified {
+                continue;
+            }
+            if let Some(s) = self.streams.get_mut(&w.stream) {
+                if s.pending.is_empty() {
+                    let _ = s.tx.try_send(WatchOut::Progress {
+                        header,
+                        watch_id: w.spec.watch_id,
+                    });
+                }
+            }
+        }
+    }
+}
