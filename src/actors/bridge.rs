@@ -3,6 +3,7 @@
 //! a task that runs each request on the shard exactly as the native front end does.
 
 use super::network::Shard;
+use super::recipes::LeaderKey;
 use super::watch::{StreamId, WatchOut, WatchSpec};
 use crate::error::KvError;
 use crate::model::*;
@@ -11,6 +12,24 @@ use futures::StreamExt;
 use std::rc::Rc;
 
 type Reply<T> = oneshot::Sender<Result<T, KvError>>;
+pub type Observed = mpsc::Receiver<Result<(Header, KeyValue), KvError>>;
+
+/// Runs `work` unless the requester goes away first (a lock wait ends with its client).
+async fn answer<T>(tx: Reply<T>, work: impl std::future::Future<Output = Result<T, KvError>>) {
+    let mut tx = tx;
+    let outcome = {
+        let gone = tx.cancellation();
+        futures::pin_mut!(gone);
+        futures::pin_mut!(work);
+        match futures::future::select(work, gone).await {
+            futures::future::Either::Left((r, _)) => Some(r),
+            futures::future::Either::Right(_) => None,
+        }
+    };
+    if let Some(r) = outcome {
+        let _ = tx.send(r);
+    }
+}
 
 pub enum BridgeRequest {
     Range(RangeRequest, Reply<(Header, RangeResponse)>),
@@ -22,6 +41,13 @@ pub enum BridgeRequest {
     LeaseKeepAlive(i64, Reply<(Header, i64)>),
     LeaseTimeToLive(i64, bool, Reply<(Header, LeaseTimeToLive)>),
     LeaseList(Reply<(Header, Vec<i64>)>),
+    Lock(Vec<u8>, i64, Reply<(Header, Vec<u8>)>),
+    Unlock(Vec<u8>, Reply<Header>),
+    Campaign(Vec<u8>, i64, Vec<u8>, Reply<(Header, LeaderKey)>),
+    Proclaim(LeaderKey, Vec<u8>, Reply<Header>),
+    Resign(LeaderKey, Reply<Header>),
+    Leader(Vec<u8>, Reply<(Header, KeyValue)>),
+    Observe(Vec<u8>, oneshot::Sender<Observed>),
     /// Watch stream commands, handled in order on the stream's shard.
     Watch(StreamId, WatchCmd),
 }
@@ -87,6 +113,19 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 }
                 BridgeRequest::LeaseList(tx) => {
                     let _ = tx.send(shard.lease_list().await);
+                }
+                BridgeRequest::Lock(name, lease, tx) => answer(tx, shard.lock(name, lease)).await,
+                BridgeRequest::Unlock(key, tx) => answer(tx, shard.unlock(key)).await,
+                BridgeRequest::Campaign(name, lease, value, tx) => {
+                    answer(tx, shard.campaign(name, lease, value)).await
+                }
+                BridgeRequest::Proclaim(leader, value, tx) => {
+                    answer(tx, shard.proclaim(leader, value)).await
+                }
+                BridgeRequest::Resign(leader, tx) => answer(tx, shard.resign(leader)).await,
+                BridgeRequest::Leader(name, tx) => answer(tx, shard.leader(&name)).await,
+                BridgeRequest::Observe(name, tx) => {
+                    let _ = tx.send(shard.observe(name));
                 }
                 BridgeRequest::Watch(..) => {} // handled above
             }

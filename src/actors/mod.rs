@@ -8,6 +8,7 @@ pub mod bridge;
 pub mod lessor;
 pub mod network;
 pub mod raft;
+pub mod recipes;
 pub mod wal;
 pub mod watch;
 

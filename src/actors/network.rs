@@ -61,6 +61,7 @@ pub struct Shard {
     /// Wakes the catch-up task when some watcher is behind.
     catch_up_kick: glommio::channels::local_channel::LocalSender<()>,
     catch_up_rx: RefCell<Option<glommio::channels::local_channel::LocalReceiver<()>>>,
+    next_internal_stream: Cell<u64>,
 }
 
 /// etcd's idutil generator: the member id's low 16 bits, then milliseconds and a counter.
@@ -114,6 +115,7 @@ impl Shard {
             hub: RefCell::new(hub),
             catch_up_kick: kick,
             catch_up_rx: RefCell::new(Some(kicked)),
+            next_internal_stream: Cell::new(0),
         }))
     }
 
@@ -145,6 +147,14 @@ impl Shard {
         if self.hub.borrow().has_unsynced() {
             let _ = self.catch_up_kick.try_send(());
         }
+    }
+
+    /// Stream ids for watches the server opens itself (locks, elections, native clients):
+    /// top bit set, then the shard, so they never meet the gRPC front end's ids.
+    pub fn internal_stream_id(&self) -> StreamId {
+        let seq = self.next_internal_stream.get() + 1;
+        self.next_internal_stream.set(seq);
+        (1 << 63) | ((self.shard as u64) << 48) | (seq & ((1 << 48) - 1))
     }
 
     pub fn watch_open(&self, stream: StreamId, tx: futures::channel::mpsc::Sender<WatchOut>) {

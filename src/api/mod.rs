@@ -2,6 +2,7 @@
 pub mod gateway;
 pub mod native;
 pub mod v3lease;
+pub mod v3lock;
 pub mod v3rpc;
 pub mod v3watch;
 pub mod validate;

@@ -338,10 +338,6 @@ pub struct NotYetBuilt;
 
 #[tonic::async_trait]
 impl crate::etcdpb::etcdserverpb::auth_server::Auth for NotYetBuilt {}
-#[tonic::async_trait]
-impl crate::etcdpb::v3lockpb::lock_server::Lock for NotYetBuilt {}
-#[tonic::async_trait]
-impl crate::etcdpb::v3electionpb::election_server::Election for NotYetBuilt {}
 
 fn refuse(feature: &'static str) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |_req| Err(not_yet(feature))
@@ -614,11 +610,8 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> 
                     .add_service(WatchServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(LeaseServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(AuthServer::with_interceptor(NotYetBuilt, refuse("auth")))
-                    .add_service(LockServer::with_interceptor(NotYetBuilt, refuse("lock")))
-                    .add_service(ElectionServer::with_interceptor(
-                        NotYetBuilt,
-                        refuse("election"),
-                    ));
+                    .add_service(LockServer::new(g.clone()).max_decoding_message_size(limit))
+                    .add_service(ElectionServer::new(g.clone()).max_decoding_message_size(limit));
                     // The JSON gateway shares the port, as etcd's does.
                     let routes = tonic::service::Routes::from(
                         routes.into_axum_router().merge(super::gateway::router(g)),
