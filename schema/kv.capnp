@@ -163,6 +163,61 @@ struct StatusResponse {
   walMaxBatch @14 :UInt64;
 }
 
+struct LeaseGrantResponse {
+  header @0 :ResponseHeader;
+  id @1 :Int64;
+  ttl @2 :Int64;
+}
+
+struct LeaseTimeToLiveResponse {
+  header @0 :ResponseHeader;
+  id @1 :Int64;
+  ttl @2 :Int64;          # -1 when the lease does not exist
+  grantedTtl @3 :Int64;
+  keys @4 :List(Data);
+}
+
+enum EventType { put @0; delete @1; }
+
+struct Event {
+  type @0 :EventType;
+  kv @1 :KeyValue;
+  prevKv @2 :KeyValue;    # unset unless asked for and present
+}
+
+struct WatchRequest {
+  key @0 :Data;
+  rangeEnd @1 :Data;
+  startRevision @2 :Int64;
+  prevKv @3 :Bool;
+  noPut @4 :Bool;
+  noDelete @5 :Bool;
+  progressNotify @6 :Bool;
+}
+
+# etcd's WatchResponse; one watch per `watch` call, so no watch id on the wire.
+struct WatchResponse {
+  header @0 :ResponseHeader;
+  created @1 :Bool;
+  canceled @2 :Bool;
+  compactRevision @3 :Int64;
+  cancelReason @4 :Text;
+  events @5 :List(Event);
+}
+
+# Implemented by the client. The server sends one call at a time and waits for it to
+# return (flow control): a watcher that falls behind catches up from the store.
+interface WatchSink {
+  send @0 (resp :WatchResponse) -> ();
+}
+
+struct LeaderKey {
+  name @0 :Data;
+  key @1 :Data;
+  rev @2 :Int64;
+  lease @3 :Int64;
+}
+
 interface Kv {
   range @0 (req :RangeRequest) -> (resp :RangeResponse);
   put @1 (req :PutRequest) -> (resp :PutResponse);
@@ -171,4 +226,23 @@ interface Kv {
   compact @4 (req :CompactionRequest) -> (resp :CompactionResponse);
   alarm @5 (req :AlarmRequest) -> (resp :AlarmResponse);
   status @6 () -> (resp :StatusResponse);
+
+  leaseGrant @7 (id :Int64, ttl :Int64) -> (resp :LeaseGrantResponse);
+  leaseRevoke @8 (id :Int64) -> (header :ResponseHeader);
+  leaseKeepAlive @9 (id :Int64) -> (header :ResponseHeader, ttl :Int64);
+  leaseTimeToLive @10 (id :Int64, keys :Bool) -> (resp :LeaseTimeToLiveResponse);
+  leaseLeases @11 () -> (header :ResponseHeader, ids :List(Int64));
+
+  # Returns when the watch ends (canceled by the server, or the sink fails); the client
+  # cancels a watch by dropping this call.
+  watch @12 (req :WatchRequest, sink :WatchSink) -> ();
+
+  lock @13 (name :Data, lease :Int64) -> (header :ResponseHeader, key :Data);
+  unlock @14 (key :Data) -> (header :ResponseHeader);
+  campaign @15 (name :Data, lease :Int64, value :Data) -> (header :ResponseHeader, leader :LeaderKey);
+  proclaim @16 (leader :LeaderKey, value :Data) -> (header :ResponseHeader);
+  resign @17 (leader :LeaderKey) -> (header :ResponseHeader);
+  leader @18 (name :Data) -> (header :ResponseHeader, kv :KeyValue);
+  # Streams each new leader (and value change) to the sink as a one-event response.
+  observe @19 (name :Data, sink :WatchSink) -> ();
 }

@@ -112,6 +112,189 @@ impl Client {
     }
 }
 
+/// The client side of a native watch: the server pushes responses into `rx` one call at
+/// a time (a full channel holds the server back). Dropping it cancels the watch.
+pub struct Watch {
+    pub rx: futures::channel::mpsc::Receiver<WatchResponse>,
+    _call: glommio::Task<()>,
+}
+
+struct Sink {
+    tx: futures::channel::mpsc::Sender<WatchResponse>,
+}
+
+impl crate::kv_capnp::watch_sink::Server for Sink {
+    async fn send(
+        self: std::rc::Rc<Self>,
+        params: crate::kv_capnp::watch_sink::SendParams,
+        _results: crate::kv_capnp::watch_sink::SendResults,
+    ) -> Result<(), capnp::Error> {
+        use futures::SinkExt;
+        let resp = native::read_watch_resp(params.get()?.get_resp()?)?;
+        let mut tx = self.tx.clone();
+        tx.send(resp)
+            .await
+            .map_err(|_| capnp::Error::failed("watch receiver dropped".into()))
+    }
+}
+
+/// Buffered watch responses on the client before the server is held back.
+const WATCH_CLIENT_BUFFER: usize = 64;
+
+fn header_of(
+    r: Result<crate::kv_capnp::response_header::Reader, capnp::Error>,
+) -> Result<Header, KvError> {
+    Ok(native::read_header(r.map_err(from_capnp)?))
+}
+
+impl Client {
+    pub async fn lease_grant(&self, id: i64, ttl_secs: i64) -> Result<(Header, i64, i64), KvError> {
+        let mut req = self.kv.lease_grant_request();
+        req.get().set_id(id);
+        req.get().set_ttl(ttl_secs);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().and_then(|x| x.get_resp()).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, r.get_id(), r.get_ttl()))
+    }
+
+    pub async fn lease_revoke(&self, id: i64) -> Result<Header, KvError> {
+        let mut req = self.kv.lease_revoke_request();
+        req.get().set_id(id);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        header_of(resp.get().and_then(|x| x.get_header()))
+    }
+
+    /// Renews a lease: its TTL, or 0 when it has expired or was revoked.
+    pub async fn lease_keepalive(&self, id: i64) -> Result<(Header, i64), KvError> {
+        let mut req = self.kv.lease_keep_alive_request();
+        req.get().set_id(id);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, r.get_ttl()))
+    }
+
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<(Header, LeaseTimeToLive), KvError> {
+        let mut req = self.kv.lease_time_to_live_request();
+        req.get().set_id(id);
+        req.get().set_keys(keys);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().and_then(|x| x.get_resp()).map_err(from_capnp)?;
+        let keys = r
+            .get_keys()
+            .map_err(from_capnp)?
+            .iter()
+            .map(|k| k.map(|k| k.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(from_capnp)?;
+        Ok((
+            header_of(r.get_header())?,
+            LeaseTimeToLive {
+                id: r.get_id(),
+                ttl_secs: r.get_ttl(),
+                granted_ttl_secs: r.get_granted_ttl(),
+                keys,
+            },
+        ))
+    }
+
+    pub async fn lease_list(&self) -> Result<(Header, Vec<i64>), KvError> {
+        let req = self.kv.lease_leases_request();
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let ids = r.get_ids().map_err(from_capnp)?.iter().collect();
+        Ok((header_of(r.get_header())?, ids))
+    }
+
+    pub fn watch(&self, spec: &crate::actors::watch::WatchSpec) -> Watch {
+        let (tx, rx) = futures::channel::mpsc::channel(WATCH_CLIENT_BUFFER);
+        let sink: crate::kv_capnp::watch_sink::Client = capnp_rpc::new_client(Sink { tx });
+        let mut req = self.kv.watch_request();
+        native::write_watch_req(req.get().init_req(), spec);
+        req.get().set_sink(sink);
+        let call = glommio::spawn_local(async move {
+            let _ = req.send().promise.await;
+        });
+        Watch { rx, _call: call }
+    }
+
+    pub async fn lock(&self, name: &[u8], lease: i64) -> Result<(Header, Vec<u8>), KvError> {
+        let mut req = self.kv.lock_request();
+        req.get().set_name(name);
+        req.get().set_lease(lease);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        Ok((
+            header_of(r.get_header())?,
+            r.get_key().map_err(from_capnp)?.to_vec(),
+        ))
+    }
+
+    pub async fn unlock(&self, key: &[u8]) -> Result<Header, KvError> {
+        let mut req = self.kv.unlock_request();
+        req.get().set_key(key);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        header_of(resp.get().and_then(|x| x.get_header()))
+    }
+
+    pub async fn campaign(
+        &self,
+        name: &[u8],
+        lease: i64,
+        value: &[u8],
+    ) -> Result<(Header, LeaderKey), KvError> {
+        let mut req = self.kv.campaign_request();
+        req.get().set_name(name);
+        req.get().set_lease(lease);
+        req.get().set_value(value);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let leader =
+            native::read_leader_key(r.get_leader().map_err(from_capnp)?).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, leader))
+    }
+
+    pub async fn proclaim(&self, leader: &LeaderKey, value: &[u8]) -> Result<Header, KvError> {
+        let mut req = self.kv.proclaim_request();
+        native::write_leader_key(req.get().init_leader(), leader);
+        req.get().set_value(value);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        header_of(resp.get().and_then(|x| x.get_header()))
+    }
+
+    pub async fn resign(&self, leader: &LeaderKey) -> Result<Header, KvError> {
+        let mut req = self.kv.resign_request();
+        native::write_leader_key(req.get().init_leader(), leader);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        header_of(resp.get().and_then(|x| x.get_header()))
+    }
+
+    pub async fn leader(&self, name: &[u8]) -> Result<(Header, KeyValue), KvError> {
+        let mut req = self.kv.leader_request();
+        req.get().set_name(name);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let kv = native::read_kv(r.get_kv().map_err(from_capnp)?).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, kv))
+    }
+
+    /// Each leader of `name` (and each change of its value) as a one-event response.
+    pub fn observe(&self, name: &[u8]) -> Watch {
+        let (tx, rx) = futures::channel::mpsc::channel(WATCH_CLIENT_BUFFER);
+        let sink: crate::kv_capnp::watch_sink::Client = capnp_rpc::new_client(Sink { tx });
+        let mut req = self.kv.observe_request();
+        req.get().set_name(name);
+        req.get().set_sink(sink);
+        let call = glommio::spawn_local(async move {
+            let _ = req.send().promise.await;
+        });
+        Watch { rx, _call: call }
+    }
+}
+
 /// Runs `f` on a fresh, unpinned glommio executor (for CLI verbs and tests).
 pub fn block_on<T: Send + 'static, F, Fut>(f: F) -> Result<T, String>
 where

@@ -1,6 +1,8 @@
 //! `corekv`: the server (`corekv serve`) and etcdctl-shaped client verbs in one binary.
 
 use clap::{Parser, Subcommand};
+use corekv::cli::lease::LeaseCmd;
+use corekv::cli::watch::{WatchArgs, EXIT_INTERRUPTED};
 use corekv::cli::{self, output::Format, AlarmCmd, DelArgs, EndpointCmd, GetArgs, PutArgs};
 use corekv::client::{block_on, Client};
 use corekv::config::ServeConfig;
@@ -62,6 +64,31 @@ enum Cmd {
     /// Alarm related commands.
     #[command(subcommand)]
     Alarm(AlarmCmd),
+    /// Lease related commands.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+    /// Watches events stream on keys or prefixes.
+    Watch(WatchArgs),
+    /// Acquires a named lock (runs the command while holding it, if one is given).
+    Lock {
+        lockname: String,
+        /// Timeout for session (seconds).
+        #[arg(long, default_value_t = 10)]
+        ttl: i64,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Observes and participates in leader election.
+    Elect {
+        election_name: String,
+        proposal: Option<String>,
+        /// Observe leader election.
+        #[arg(short, long)]
+        listen: bool,
+        /// Timeout for session (seconds).
+        #[arg(long, default_value_t = 60)]
+        ttl: i64,
+    },
 }
 
 fn init_logging(level: &str) {
@@ -133,6 +160,41 @@ fn main() {
         Cmd::Alarm(cmd) => run(endpoints, move |c| async move {
             cli::alarm(&c, format, &cmd).await
         }),
+        Cmd::Lease(cmd) => run(endpoints, move |c| async move {
+            cli::lease::run(&c, format, &cmd).await
+        }),
+        Cmd::Watch(a) => {
+            match run(endpoints, move |c| async move {
+                cli::watch::run(&c, format, &a).await
+            }) {
+                Ok(out) => Ok(out),
+                Err(e) => {
+                    eprintln!("Error: {e}");
+                    std::process::exit(EXIT_INTERRUPTED);
+                }
+            }
+        }
+        Cmd::Lock {
+            lockname,
+            ttl,
+            command,
+        } => exit_with(run_status(endpoints, move |c| async move {
+            cli::concurrency::lock(c, &lockname, ttl, &command).await
+        })),
+        Cmd::Elect {
+            election_name,
+            proposal,
+            listen,
+            ttl,
+        } => exit_with(run_status(endpoints, move |c| async move {
+            match (listen, proposal) {
+                (true, _) => cli::concurrency::observe(c, &election_name).await,
+                (false, Some(p)) => cli::concurrency::elect(c, &election_name, &p, ttl).await,
+                (false, None) => Err(KvError::Client(
+                    "no proposal argument but -l not set".into(),
+                )),
+            }
+        })),
     };
     match result {
         Ok(out) => print!("{out}"),
@@ -154,6 +216,29 @@ where
         f(c).await
     })
     .unwrap_or_else(|e| Err(KvError::Client(e)))
+}
+
+/// Like `run`, for verbs whose result is an exit status.
+fn run_status<F, Fut>(endpoints: String, f: F) -> Result<i32, KvError>
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<i32, KvError>> + 'static,
+{
+    block_on(move || async move {
+        let c = Client::connect(&endpoints).await?;
+        f(c).await
+    })
+    .unwrap_or_else(|e| Err(KvError::Client(e)))
+}
+
+fn exit_with(r: Result<i32, KvError>) -> ! {
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("Error: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 #[global_allocator]

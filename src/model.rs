@@ -231,6 +231,26 @@ pub struct LeaseTimeToLive {
     pub keys: Vec<Vec<u8>>,
 }
 
+/// An election leader's identity, as etcd's `LeaderKey`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderKey {
+    pub name: Vec<u8>,
+    pub key: Vec<u8>,
+    pub rev: i64,
+    pub lease: i64,
+}
+
+/// A watch response as a native client receives it (one watch per call: no watch id).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchResponse {
+    pub header: Header,
+    pub created: bool,
+    pub canceled: bool,
+    pub compact_revision: i64,
+    pub cancel_reason: String,
+    pub events: Vec<Event>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
     Put,

@@ -3,7 +3,6 @@
 //! a task that runs each request on the shard exactly as the native front end does.
 
 use super::network::Shard;
-use super::recipes::LeaderKey;
 use super::watch::{StreamId, WatchOut, WatchSpec};
 use crate::error::KvError;
 use crate::model::*;

@@ -3,6 +3,7 @@
 //! an LMDB read txn, and sends writes and linearizable reads to the raft actor as typed
 //! messages, matching replies by request id. All state here is shard-local.
 
+use super::recipes::InternalWatch;
 use super::watch::{StreamId, WatchHub, WatchOut, WatchSpec};
 use super::*;
 use crate::api::{native, validate};
@@ -607,6 +608,218 @@ impl kv::Server for KvService {
         Ok(())
     }
 
+    async fn lease_grant(
+        self: Rc<Self>,
+        params: kv::LeaseGrantParams,
+        mut results: kv::LeaseGrantResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let p = params.get()?;
+        let (h, id, ttl) = self
+            .shard
+            .lease_grant(p.get_id(), p.get_ttl())
+            .await
+            .map_err(to_capnp)?;
+        let mut r = results.get().init_resp();
+        native::write_header(r.reborrow().init_header(), &h);
+        r.set_id(id);
+        r.set_ttl(ttl);
+        Ok(())
+    }
+
+    async fn lease_revoke(
+        self: Rc<Self>,
+        params: kv::LeaseRevokeParams,
+        mut results: kv::LeaseRevokeResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let id = params.get()?.get_id();
+        let h = self.shard.lease_revoke(id).await.map_err(to_capnp)?;
+        native::write_header(results.get().init_header(), &h);
+        Ok(())
+    }
+
+    async fn lease_keep_alive(
+        self: Rc<Self>,
+        params: kv::LeaseKeepAliveParams,
+        mut results: kv::LeaseKeepAliveResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let id = params.get()?.get_id();
+        let (h, ttl) = self.shard.lease_keepalive(id).await.map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        r.set_ttl(ttl);
+        Ok(())
+    }
+
+    async fn lease_time_to_live(
+        self: Rc<Self>,
+        params: kv::LeaseTimeToLiveParams,
+        mut results: kv::LeaseTimeToLiveResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let p = params.get()?;
+        let (h, t) = self
+            .shard
+            .lease_time_to_live(p.get_id(), p.get_keys())
+            .await
+            .map_err(to_capnp)?;
+        let mut r = results.get().init_resp();
+        native::write_header(r.reborrow().init_header(), &h);
+        r.set_id(t.id);
+        r.set_ttl(t.ttl_secs);
+        r.set_granted_ttl(t.granted_ttl_secs);
+        let mut keys = r.init_keys(t.keys.len() as u32);
+        for (i, k) in t.keys.iter().enumerate() {
+            keys.set(i as u32, k);
+        }
+        Ok(())
+    }
+
+    async fn lease_leases(
+        self: Rc<Self>,
+        _params: kv::LeaseLeasesParams,
+        mut results: kv::LeaseLeasesResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let (h, ids) = self.shard.lease_list().await.map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        let mut list = r.init_ids(ids.len() as u32);
+        for (i, id) in ids.iter().enumerate() {
+            list.set(i as u32, *id);
+        }
+        Ok(())
+    }
+
+    async fn watch(
+        self: Rc<Self>,
+        params: kv::WatchParams,
+        _results: kv::WatchResults,
+    ) -> Result<(), capnp::Error> {
+        // No permit: a watch lasts as long as the client wants it.
+        let p = params.get()?;
+        let spec = native::read_watch_req(p.get_req()?)?;
+        let sink = p.get_sink()?;
+        pump_watch(InternalWatch::new(&self.shard, spec), sink).await
+    }
+
+    async fn lock(
+        self: Rc<Self>,
+        params: kv::LockParams,
+        mut results: kv::LockResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (name, lease) = (p.get_name()?.to_vec(), p.get_lease());
+        let (h, key) = self.shard.lock(name, lease).await.map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        r.set_key(&key);
+        Ok(())
+    }
+
+    async fn unlock(
+        self: Rc<Self>,
+        params: kv::UnlockParams,
+        mut results: kv::UnlockResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let key = params.get()?.get_key()?.to_vec();
+        let h = self.shard.unlock(key).await.map_err(to_capnp)?;
+        native::write_header(results.get().init_header(), &h);
+        Ok(())
+    }
+
+    async fn campaign(
+        self: Rc<Self>,
+        params: kv::CampaignParams,
+        mut results: kv::CampaignResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (name, lease, value) = (
+            p.get_name()?.to_vec(),
+            p.get_lease(),
+            p.get_value()?.to_vec(),
+        );
+        let (h, leader) = self
+            .shard
+            .campaign(name, lease, value)
+            .await
+            .map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        native::write_leader_key(r.init_leader(), &leader);
+        Ok(())
+    }
+
+    async fn proclaim(
+        self: Rc<Self>,
+        params: kv::ProclaimParams,
+        mut results: kv::ProclaimResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let p = params.get()?;
+        let leader = native::read_leader_key(p.get_leader()?)?;
+        let value = p.get_value()?.to_vec();
+        let h = self.shard.proclaim(leader, value).await.map_err(to_capnp)?;
+        native::write_header(results.get().init_header(), &h);
+        Ok(())
+    }
+
+    async fn resign(
+        self: Rc<Self>,
+        params: kv::ResignParams,
+        mut results: kv::ResignResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let leader = native::read_leader_key(params.get()?.get_leader()?)?;
+        let h = self.shard.resign(leader).await.map_err(to_capnp)?;
+        native::write_header(results.get().init_header(), &h);
+        Ok(())
+    }
+
+    async fn leader(
+        self: Rc<Self>,
+        params: kv::LeaderParams,
+        mut results: kv::LeaderResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let name = params.get()?.get_name()?.to_vec();
+        let (h, kv) = self.shard.leader(&name).await.map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        native::write_kv(r.init_kv(), &kv);
+        Ok(())
+    }
+
+    async fn observe(
+        self: Rc<Self>,
+        params: kv::ObserveParams,
+        _results: kv::ObserveResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_vec();
+        let sink = p.get_sink()?;
+        let mut leaders = self.shard.observe(name);
+        while let Some(next) = leaders.next().await {
+            let (header, kv) = next.map_err(to_capnp)?;
+            let resp = WatchResponse {
+                header,
+                events: vec![Event {
+                    kind: EventKind::Put,
+                    kv,
+                    prev_kv: None,
+                }],
+                ..Default::default()
+            };
+            let mut req = sink.send_request();
+            native::write_watch_resp(req.get().init_resp(), &resp);
+            req.send().promise.await?;
+        }
+        Ok(())
+    }
+
     async fn status(
         self: Rc<Self>,
         _params: kv::StatusParams,
@@ -618,6 +831,24 @@ impl kv::Server for KvService {
         Ok(())
     }
 }
+
+/// Sends hub messages to a native watch sink, one call at a time (flow control), until
+/// the watch is canceled or the client goes away.
+async fn pump_watch(mut w: InternalWatch, sink: kv_capnp_sink::Client) -> Result<(), capnp::Error> {
+    while let Some(out) = w.next_out().await {
+        let resp = native::watch_out_to_resp(out);
+        let last = resp.canceled;
+        let mut req = sink.send_request();
+        native::write_watch_resp(req.get().init_resp(), &resp);
+        req.send().promise.await?;
+        if last {
+            break;
+        }
+    }
+    Ok(())
+}
+
+use crate::kv_capnp::watch_sink as kv_capnp_sink;
 
 /// Reader limits for one connection: a message over this is refused before allocation.
 pub fn reader_options(max_request_bytes: u64) -> capnp::message::ReaderOptions {

@@ -12,15 +12,6 @@ use futures::channel::mpsc;
 use futures::StreamExt;
 use std::rc::Rc;
 
-/// An election leader's identity, as etcd's `LeaderKey`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LeaderKey {
-    pub name: Vec<u8>,
-    pub key: Vec<u8>,
-    pub rev: i64,
-    pub lease: i64,
-}
-
 /// Waits at most this many predecessors' deletions (each wait is one watch).
 const MAX_WAITS: usize = 1 << 20;
 
@@ -69,8 +60,9 @@ fn range_kvs(r: Option<&ResponseOp>) -> &[KeyValue] {
     }
 }
 
-/// A watch registered on this shard's hub for a recipe; closed when dropped.
-struct InternalWatch {
+/// A watch registered on this shard's hub by the server itself (recipes, native
+/// clients); closed when dropped.
+pub struct InternalWatch {
     shard: Rc<Shard>,
     stream: StreamId,
     rx: mpsc::Receiver<WatchOut>,
@@ -83,7 +75,7 @@ impl Drop for InternalWatch {
 }
 
 impl InternalWatch {
-    fn new(shard: &Rc<Shard>, spec: WatchSpec) -> InternalWatch {
+    pub fn new(shard: &Rc<Shard>, spec: WatchSpec) -> InternalWatch {
         let stream = shard.internal_stream_id();
         let (tx, rx) = mpsc::channel(super::watch::STREAM_BUFFER);
         shard.watch_open(stream, tx);
@@ -93,6 +85,11 @@ impl InternalWatch {
             stream,
             rx,
         }
+    }
+
+    /// The hub's next message for this watch (None once the hub closed the stream).
+    pub async fn next_out(&mut self) -> Option<WatchOut> {
+        self.rx.next().await
     }
 
     /// The next batch of events (skipping the created notice).
@@ -105,9 +102,7 @@ impl InternalWatch {
                     compact_revision, ..
                 }) if compact_revision != 0 => return Err(KvError::Compacted),
                 Some(WatchOut::Canceled { .. }) => return Err(KvError::Stopped),
-                Some(WatchOut::Created { error: Some(e), .. }) => {
-                    return Err(KvError::Internal(e))
-                }
+                Some(WatchOut::Created { error: Some(e), .. }) => return Err(KvError::Internal(e)),
                 Some(_) => {}
             }
         }
@@ -154,7 +149,11 @@ impl Shard {
     }
 
     /// etcd's Mutex.Lock on the caller's lease: returns the owner key once held.
-    pub async fn lock(self: &Rc<Self>, name: Vec<u8>, lease: i64) -> Result<(Header, Vec<u8>), KvError> {
+    pub async fn lock(
+        self: &Rc<Self>,
+        name: Vec<u8>,
+        lease: i64,
+    ) -> Result<(Header, Vec<u8>), KvError> {
         let prefix = prefix_of(&name);
         let key = owner_key(&name, lease);
         let get_owner = RequestOp::Range(first_created(&prefix, false, 0));
@@ -248,7 +247,11 @@ impl Shard {
         Ok((h, leader))
     }
 
-    pub async fn proclaim(self: &Rc<Self>, leader: LeaderKey, value: Vec<u8>) -> Result<Header, KvError> {
+    pub async fn proclaim(
+        self: &Rc<Self>,
+        leader: LeaderKey,
+        value: Vec<u8>,
+    ) -> Result<Header, KvError> {
         let (h, r) = self
             .txn(TxnRequest {
                 compare: vec![create_rev_is(&leader.key, leader.rev)],
@@ -283,14 +286,19 @@ impl Shard {
 
     /// The current leader's key-value (the oldest key under `name`).
     pub async fn leader(self: &Rc<Self>, name: &[u8]) -> Result<(Header, KeyValue), KvError> {
-        let (h, r) = self.range(first_created(&prefix_of(name), false, 0)).await?;
+        let (h, r) = self
+            .range(first_created(&prefix_of(name), false, 0))
+            .await?;
         let kv = r.kvs.into_iter().next().ok_or(KvError::ElectionNoLeader)?;
         Ok((h, kv))
     }
 
     /// etcd's Election.Observe: the leader now, then every change of leader or of its
     /// value, until the receiver is dropped.
-    pub fn observe(self: &Rc<Self>, name: Vec<u8>) -> mpsc::Receiver<Result<(Header, KeyValue), KvError>> {
+    pub fn observe(
+        self: &Rc<Self>,
+        name: Vec<u8>,
+    ) -> mpsc::Receiver<Result<(Header, KeyValue), KvError>> {
         let (mut tx, rx) = mpsc::channel(16);
         let me = self.clone();
         glommio::spawn_local(async move {

@@ -452,3 +452,133 @@ pub fn read_status(r: w::status_response::Reader) -> R<(Header, Status)> {
         },
     ))
 }
+
+pub fn write_event(mut b: w::event::Builder, e: &Event) {
+    b.set_type(match e.kind {
+        EventKind::Put => w::EventType::Put,
+        EventKind::Delete => w::EventType::Delete,
+    });
+    write_kv(b.reborrow().init_kv(), &e.kv);
+    if let Some(prev) = &e.prev_kv {
+        write_kv(b.init_prev_kv(), prev);
+    }
+}
+
+pub fn read_event(r: w::event::Reader) -> R<Event> {
+    Ok(Event {
+        kind: match r.get_type()? {
+            w::EventType::Put => EventKind::Put,
+            w::EventType::Delete => EventKind::Delete,
+        },
+        kv: read_kv(r.get_kv()?)?,
+        prev_kv: if r.has_prev_kv() {
+            Some(read_kv(r.get_prev_kv()?)?)
+        } else {
+            None
+        },
+    })
+}
+
+pub fn write_watch_req(mut b: w::watch_request::Builder, s: &crate::actors::watch::WatchSpec) {
+    b.set_key(&s.key);
+    b.set_range_end(&s.range_end);
+    b.set_start_revision(s.start_rev);
+    b.set_prev_kv(s.prev_kv);
+    b.set_no_put(s.no_put);
+    b.set_no_delete(s.no_delete);
+    b.set_progress_notify(s.progress_notify);
+}
+
+pub fn read_watch_req(r: w::watch_request::Reader) -> R<crate::actors::watch::WatchSpec> {
+    Ok(crate::actors::watch::WatchSpec {
+        key: r.get_key()?.to_vec(),
+        range_end: r.get_range_end()?.to_vec(),
+        start_rev: r.get_start_revision(),
+        prev_kv: r.get_prev_kv(),
+        no_put: r.get_no_put(),
+        no_delete: r.get_no_delete(),
+        progress_notify: r.get_progress_notify(),
+        ..Default::default()
+    })
+}
+
+pub fn write_watch_resp(mut b: w::watch_response::Builder, resp: &WatchResponse) {
+    write_header(b.reborrow().init_header(), &resp.header);
+    b.set_created(resp.created);
+    b.set_canceled(resp.canceled);
+    b.set_compact_revision(resp.compact_revision);
+    b.set_cancel_reason(resp.cancel_reason.as_str());
+    let mut list = b.init_events(resp.events.len() as u32);
+    for (i, e) in resp.events.iter().enumerate() {
+        write_event(list.reborrow().get(i as u32), e);
+    }
+}
+
+pub fn read_watch_resp(r: w::watch_response::Reader) -> R<WatchResponse> {
+    Ok(WatchResponse {
+        header: read_header(r.get_header()?),
+        created: r.get_created(),
+        canceled: r.get_canceled(),
+        compact_revision: r.get_compact_revision(),
+        cancel_reason: r
+            .get_cancel_reason()?
+            .to_string()
+            .map_err(|e| Error::failed(format!("cancel reason: {e}")))?,
+        events: r
+            .get_events()?
+            .iter()
+            .map(read_event)
+            .collect::<R<Vec<Event>>>()?,
+    })
+}
+
+/// A hub message as the native wire's response (no watch ids: one watch per call).
+pub fn watch_out_to_resp(out: crate::actors::watch::WatchOut) -> WatchResponse {
+    use crate::actors::watch::WatchOut as O;
+    match out {
+        O::Created { header, error, .. } => WatchResponse {
+            header,
+            created: true,
+            canceled: error.is_some(),
+            cancel_reason: error.unwrap_or_default(),
+            ..Default::default()
+        },
+        O::Events { header, events, .. } => WatchResponse {
+            header,
+            events,
+            ..Default::default()
+        },
+        O::Canceled {
+            header,
+            compact_revision,
+            reason,
+            ..
+        } => WatchResponse {
+            header,
+            canceled: true,
+            compact_revision,
+            cancel_reason: reason,
+            ..Default::default()
+        },
+        O::Progress { header, .. } => WatchResponse {
+            header,
+            ..Default::default()
+        },
+    }
+}
+
+pub fn write_leader_key(mut b: w::leader_key::Builder, l: &LeaderKey) {
+    b.set_name(&l.name);
+    b.set_key(&l.key);
+    b.set_rev(l.rev);
+    b.set_lease(l.lease);
+}
+
+pub fn read_leader_key(r: w::leader_key::Reader) -> R<LeaderKey> {
+    Ok(LeaderKey {
+        name: r.get_name()?.to_vec(),
+        key: r.get_key()?.to_vec(),
+        rev: r.get_rev(),
+        lease: r.get_lease(),
+    })
+}

@@ -3,12 +3,12 @@
 
 use super::v3rpc::{header, kv_to_pb, to_status, BoxStream, Gateway};
 use crate::actors::bridge::BridgeRequest;
-use crate::actors::recipes::LeaderKey;
 use crate::error::KvError;
 use crate::etcdpb::v3electionpb as epb;
 use crate::etcdpb::v3electionpb::election_server::Election;
 use crate::etcdpb::v3lockpb as lpb;
 use crate::etcdpb::v3lockpb::lock_server::Lock;
+use crate::model::LeaderKey;
 use futures::channel::oneshot;
 use futures::{SinkExt, StreamExt};
 use tonic::{Request, Response, Status};

@@ -1,7 +1,10 @@
 //! etcdctl-shaped client verbs over the native protocol.
 
+pub mod concurrency;
+pub mod lease;
 pub mod output;
 pub mod txn_parse;
+pub mod watch;
 
 use crate::client::Client;
 use crate::error::KvError;

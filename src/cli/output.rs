@@ -26,11 +26,11 @@ impl std::str::FromStr for Format {
     }
 }
 
-fn no_table() -> KvError {
+pub(crate) fn no_table() -> KvError {
     KvError::Client("table not supported as output format".into())
 }
 
-fn b64(b: &[u8]) -> String {
+pub(crate) fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
@@ -49,7 +49,7 @@ fn put_nz(m: &mut Map<String, Value>, k: &str, v: Value) {
     }
 }
 
-fn header_json(h: &Header) -> Value {
+pub(crate) fn header_json(h: &Header) -> Value {
     let mut m = Map::new();
     put_nz(&mut m, "cluster_id", json!(h.cluster_id));
     put_nz(&mut m, "member_id", json!(h.member_id));
@@ -58,7 +58,7 @@ fn header_json(h: &Header) -> Value {
     Value::Object(m)
 }
 
-fn kv_json(kv: &KeyValue) -> Value {
+pub(crate) fn kv_json(kv: &KeyValue) -> Value {
     let mut m = Map::new();
     put_nz(&mut m, "key", json!(b64(&kv.key)));
     put_nz(&mut m, "create_revision", json!(kv.create_revision));
