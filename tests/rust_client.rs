@@ -1,5 +1,6 @@
 //! The Rust `etcd-client` crate (tonic, etcd's protos) runs a scenario against corekv
-//! unchanged: KV, txn, maintenance status/alarms, cluster member list, and the
+//! unchanged: KV, txn, maintenance status/alarms, cluster member list, leases (grant,
+//! keepalive stream, time-to-live with keys, revoke), watch, lock, election, and the
 //! `Unimplemented` answer for features not built yet. Needs `protoc` to build, so it sits
 //! behind the `etcd-client-test` feature; .ci/run runs it.
 #![cfg(feature = "etcd-client-test")]
@@ -97,10 +98,66 @@ fn etcd_client_crate_scenario() {
             .alarms()
             .is_empty());
 
-        let err = c.lease_grant(10, None).await.unwrap_err();
+        // Leases: grant, attach, keepalive stream, time-to-live with keys.
+        let lease = c.lease_grant(10, None).await.unwrap();
+        assert_eq!(lease.ttl(), 10);
+        let id = lease.id();
+        c.put("lk", "v", Some(PutOptions::new().with_lease(id)))
+            .await
+            .unwrap();
+        let (mut keeper, mut stream) = c.lease_keep_alive(id).await.unwrap();
+        keeper.keep_alive().await.unwrap();
+        assert_eq!(stream.message().await.unwrap().unwrap().ttl(), 10);
+        let ttl = c
+            .lease_time_to_live(
+                id,
+                Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ttl.keys(), &[b"lk".to_vec()]);
+
+        // Watch: a prefix watch sees the put, with its value.
+        let mut events = c
+            .watch("wk", Some(etcd_client::WatchOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        c.put("wk1", "hello", None).await.unwrap();
+        let seen = loop {
+            let resp = events.message().await.unwrap().unwrap();
+            if let Some(e) = resp.events().first() {
+                break e.kv().unwrap().value().to_vec();
+            }
+        };
+        assert_eq!(seen, b"hello");
+
+        // Lock and election on the lease.
+        let locked = c
+            .lock(
+                "lk-lock",
+                Some(etcd_client::LockOptions::new().with_lease(id)),
+            )
+            .await
+            .unwrap();
+        assert!(locked.key().starts_with(b"lk-lock/"));
+        c.unlock(locked.key()).await.unwrap();
+        let campaign = c.campaign("el", "me", id).await.unwrap();
+        let leader = c.leader("el").await.unwrap();
+        assert_eq!(leader.kv().unwrap().value(), b"me");
+        c.resign(Some(
+            etcd_client::ResignOptions::new().with_leader(campaign.leader().unwrap().clone()),
+        ))
+        .await
+        .unwrap();
+
+        // Revoke deletes the attached key.
+        c.lease_revoke(id).await.unwrap();
+        assert!(c.get("lk", None).await.unwrap().kvs().is_empty());
+
+        let err = c.user_list().await.unwrap_err();
         assert!(
             err.to_string()
-                .contains("corekv: lease is not implemented yet"),
+                .contains("corekv: auth is not implemented yet"),
             "{err}"
         );
     });
