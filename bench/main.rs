@@ -3,9 +3,12 @@
 //!   corekv-bench put   --endpoints 127.0.0.1:2378 --clients 1000 --conns 100 --total 200000
 //!   corekv-bench range --consistency l|s ...
 //!   corekv-bench fsync-floor --dir /path/on/the/same/disk
+//!   corekv-bench watch --endpoints 127.0.0.1:2379 --watchers 1000 (etcd's gRPC API)
 //!
 //! Latencies go into hdrhistogram (µs); results print as one table row and, with
 //! `--json`, as one JSON line for scripts.
+
+mod watch;
 
 use clap::{Args, Parser, Subcommand};
 use corekv::client::Client;
@@ -38,6 +41,8 @@ enum Cmd {
         #[arg(long, default_value = "l")]
         consistency: String,
     },
+    /// Watch fan-out over gRPC: events/s and put-to-event latency (etcd or corekv).
+    Watch(watch::WatchLoad),
     /// 4 KiB O_DIRECT write + fdatasync, into a pre-zeroed file and into a growing one.
     FsyncFloor {
         #[arg(long, default_value = ".")]
@@ -412,6 +417,7 @@ fn main() {
             )
         }
         Cmd::FsyncFloor { dir, count, json } => fsync_floor(&dir, count, json),
+        Cmd::Watch(w) => watch::run(w),
     };
     if let Err(e) = r {
         eprintln!("corekv-bench: {e}");
