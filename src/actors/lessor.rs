@@ -59,10 +59,13 @@ impl Lessor {
             checkpoint_secs: lease.remaining_secs,
             expiry: now + secs(run),
         };
-        self.by_expiry.insert((held.expiry, lease.id));
-        if let Some(old) = self.leases.insert(lease.id, held) {
+        // Old entry out first: a re-insert can carry the same expiry.
+        if let Some(old) = self.leases.remove(&lease.id) {
             self.by_expiry.remove(&(old.expiry, lease.id));
         }
+        self.by_expiry.insert((held.expiry, lease.id));
+        self.leases.insert(lease.id, held);
+        debug_assert_eq!(self.leases.len(), self.by_expiry.len());
     }
 
     pub fn apply(&mut self, change: LeaseChange, now: Instant) {

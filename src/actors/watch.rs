@@ -628,3 +628,154 @@ impl WatchHub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{PutRequest, WriteRequest};
+    use crate::storage::mvcc::Applier;
+
+    /// Applies puts of `keys` (one revision each); returns the batch the apply actor
+    /// would send, with or without its events.
+    fn apply(b: &Backend, keys: &[&str], with_events: bool) -> WatchBatch {
+        let mut a = Applier::begin(b).unwrap();
+        if with_events {
+            a.collect_events();
+        }
+        let from_rev = a.revision() + 1;
+        for k in keys {
+            let put = PutRequest {
+                key: k.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            };
+            a.apply(&WriteRequest::Put(put)).unwrap();
+        }
+        let to_rev = a.revision();
+        let events = a.take_events();
+        a.finish(1, 1).unwrap();
+        WatchBatch {
+            from_rev,
+            to_rev,
+            events,
+        }
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<WatchOut>, revs: &mut Vec<i64>) {
+        while let Ok(Some(m)) = rx.try_next() {
+            if let WatchOut::Events { events, .. } = m {
+                revs.extend(events.iter().map(|e| e.kv.mod_revision));
+            }
+        }
+    }
+
+    /// A stream with room for one message: every path (history, live batches, batches
+    /// built without events, a full stream) must still deliver each revision once, in
+    /// order.
+    #[test]
+    fn slow_stream_falls_back_to_the_store_without_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(dir.path(), 64 << 20).unwrap();
+        apply(&b, &["a", "b", "a"], true); // revisions 2..4: history
+        let watching = Arc::new(AtomicUsize::new(0));
+        let mut hub =
+            WatchHub::new(b.clone(), 1, 2, Rc::new(Cell::new(1)), watching.clone()).unwrap();
+        let (tx, mut rx) = mpsc::channel(0); // capacity: one message
+        hub.open_stream(7, tx);
+        hub.create(
+            7,
+            WatchSpec {
+                key: vec![0],
+                range_end: vec![0],
+                start_rev: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(watching.load(Ordering::Relaxed), 1);
+        assert!(
+            hub.has_unsynced(),
+            "a start in the past catches up from the store"
+        );
+        let mut revs = Vec::new();
+        // Live batches arrive while the stream is full; one was applied without events.
+        hub.on_batch(&apply(&b, &["c"], true));
+        hub.on_batch(&apply(&b, &["d", "e"], false));
+        hub.on_batch(&apply(&b, &["f"], true));
+        for _ in 0..100 {
+            drain(&mut rx, &mut revs);
+            hub.catch_up();
+            if !hub.has_unsynced() {
+                break;
+            }
+        }
+        drain(&mut rx, &mut revs);
+        assert!(!hub.has_unsynced());
+        // Synced again: the next batch goes straight out...
+        hub.on_batch(&apply(&b, &["g"], true));
+        assert!(!hub.has_unsynced());
+        // ... and one that finds the stream full sends its watcher back to the store.
+        hub.on_batch(&apply(&b, &["h"], true));
+        assert!(hub.has_unsynced(), "a full stream must unsync, not drop");
+        for _ in 0..100 {
+            drain(&mut rx, &mut revs);
+            hub.catch_up();
+            if !hub.has_unsynced() {
+                break;
+            }
+        }
+        drain(&mut rx, &mut revs);
+        assert_eq!(revs, (2..=10).collect::<Vec<i64>>());
+        hub.close_stream(7);
+        assert_eq!(watching.load(Ordering::Relaxed), 0);
+        assert_eq!(hub.watcher_count(), 0);
+    }
+
+    #[test]
+    fn matching_by_key_prefix_and_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(dir.path(), 64 << 20).unwrap();
+        let mut hub =
+            WatchHub::new(b.clone(), 1, 2, Rc::new(Cell::new(1)), Default::default()).unwrap();
+        let specs = [
+            (b"k1".to_vec(), Vec::new()),
+            (b"k".to_vec(), prefix_end(b"k")),
+            (b"k2".to_vec(), b"k3".to_vec()),
+            (b"z".to_vec(), vec![0]),
+        ];
+        let mut rxs = Vec::new();
+        for (i, (key, range_end)) in specs.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(16);
+            hub.open_stream(i as u64, tx);
+            hub.create(
+                i as u64,
+                WatchSpec {
+                    key,
+                    range_end,
+                    ..Default::default()
+                },
+            );
+            rxs.push(rx);
+        }
+        hub.on_batch(&apply(&b, &["k1", "k2", "k25", "k3", "zz", "a"], true));
+        let got: Vec<Vec<String>> = rxs
+            .iter_mut()
+            .map(|rx| {
+                let mut keys = Vec::new();
+                while let Ok(Some(m)) = rx.try_next() {
+                    if let WatchOut::Events { events, .. } = m {
+                        keys.extend(
+                            events
+                                .iter()
+                                .map(|e| String::from_utf8_lossy(&e.kv.key).into_owned()),
+                        );
+                    }
+                }
+                keys
+            })
+            .collect();
+        assert_eq!(got[0], ["k1"]);
+        assert_eq!(got[1], ["k1", "k2", "k25", "k3"]);
+        assert_eq!(got[2], ["k2", "k25"]);
+        assert_eq!(got[3], ["zz"]);
+    }
+}
