@@ -542,7 +542,11 @@ impl WatchHub {
                     s.watchers.remove(&w.spec.watch_id);
                 }
                 let msg = WatchOut::Canceled {
-                    header: self.header(),
+                    // etcd's compacted response carries no revision in its header.
+                    header: Header {
+                        revision: 0,
+                        ..self.header()
+                    },
                     watch_id: w.spec.watch_id,
                     compact_revision: compacted,
                     // etcd sends no reason: clients derive the error from the revision.
@@ -662,7 +666,7 @@ mod tests {
     }
 
     fn drain(rx: &mut mpsc::Receiver<WatchOut>, revs: &mut Vec<i64>) {
-        while let Ok(Some(m)) = rx.try_next() {
+        while let Ok(m) = rx.try_recv() {
             if let WatchOut::Events { events, .. } = m {
                 revs.extend(events.iter().map(|e| e.kv.mod_revision));
             }
@@ -761,7 +765,7 @@ mod tests {
             .iter_mut()
             .map(|rx| {
                 let mut keys = Vec::new();
-                while let Ok(Some(m)) = rx.try_next() {
+                while let Ok(m) = rx.try_recv() {
                     if let WatchOut::Events { events, .. } = m {
                         keys.extend(
                             events

@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-type Obj = Map<String, Value>;
+pub(super) type Obj = Map<String, Value>;
 
 pub fn router(g: Gateway) -> axum::Router {
     axum::Router::new()
@@ -31,16 +31,18 @@ pub fn router(g: Gateway) -> axum::Router {
         .route("/v3/maintenance/status", post(status))
         .route("/v3/maintenance/alarm", post(alarm))
         .route("/v3/cluster/member/list", post(member_list))
+        .merge(super::gateway_stream::routes())
         .route("/health", get(health))
         .route("/version", get(version))
         .with_state(g)
 }
 
 /// grpc-gateway's error body and HTTP status for a gRPC status.
-fn error(s: tonic::Status) -> Response {
+pub(super) fn error(s: tonic::Status) -> Response {
     use tonic::Code::*;
     let http = match s.code() {
-        InvalidArgument | OutOfRange | FailedPrecondition => StatusCode::BAD_REQUEST,
+        InvalidArgument | OutOfRange => StatusCode::BAD_REQUEST,
+        FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         NotFound => StatusCode::NOT_FOUND,
         ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Unimplemented => StatusCode::NOT_IMPLEMENTED,
@@ -52,7 +54,7 @@ fn error(s: tonic::Status) -> Response {
     (http, body.to_string()).into_response()
 }
 
-fn ok(v: Value) -> Response {
+pub(super) fn ok(v: Value) -> Response {
     (StatusCode::OK, v.to_string()).into_response()
 }
 
@@ -60,7 +62,7 @@ fn bad(msg: String) -> tonic::Status {
     tonic::Status::invalid_argument(msg)
 }
 
-fn parse(body: &Bytes) -> Result<Obj, tonic::Status> {
+pub(super) fn parse(body: &Bytes) -> Result<Obj, tonic::Status> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(bad("json: request body must be an object".into())),
@@ -84,6 +86,14 @@ fn camel(snake: &str) -> String {
     out
 }
 
+/// A nested object field by its proto or camelCase name.
+pub(super) fn field_obj<'a>(m: &'a Obj, name: &str) -> Option<&'a Obj> {
+    match field(m, name) {
+        Some(Value::Object(o)) => Some(o),
+        _ => None,
+    }
+}
+
 /// A field by its proto name or its camelCase JSON name.
 fn field<'a>(m: &'a Obj, name: &str) -> Option<&'a Value> {
     m.get(name)
@@ -91,7 +101,7 @@ fn field<'a>(m: &'a Obj, name: &str) -> Option<&'a Value> {
         .filter(|v| !v.is_null())
 }
 
-fn bytes(m: &Obj, name: &str) -> Result<Vec<u8>, tonic::Status> {
+pub(super) fn bytes(m: &Obj, name: &str) -> Result<Vec<u8>, tonic::Status> {
     match field(m, name) {
         None => Ok(Vec::new()),
         Some(Value::String(s)) => base64::engine::general_purpose::STANDARD
@@ -102,7 +112,7 @@ fn bytes(m: &Obj, name: &str) -> Result<Vec<u8>, tonic::Status> {
     }
 }
 
-fn int(m: &Obj, name: &str) -> Result<i64, tonic::Status> {
+pub(super) fn int(m: &Obj, name: &str) -> Result<i64, tonic::Status> {
     match field(m, name) {
         None => Ok(0),
         Some(Value::Number(n)) => n
@@ -128,7 +138,7 @@ fn uint(m: &Obj, name: &str) -> Result<u64, tonic::Status> {
     }
 }
 
-fn boolean(m: &Obj, name: &str) -> Result<bool, tonic::Status> {
+pub(super) fn boolean(m: &Obj, name: &str) -> Result<bool, tonic::Status> {
     match field(m, name) {
         None => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -244,7 +254,7 @@ fn request_op(m: &Obj, depth: u32) -> Result<pb::RequestOp, tonic::Status> {
     })
 }
 
-fn list<'a>(m: &'a Obj, name: &str) -> Result<Vec<&'a Obj>, tonic::Status> {
+pub(super) fn list<'a>(m: &'a Obj, name: &str) -> Result<Vec<&'a Obj>, tonic::Status> {
     match field(m, name) {
         None => Ok(Vec::new()),
         Some(Value::Array(a)) => a.iter().map(|v| object(v, name)).collect(),
@@ -273,7 +283,7 @@ fn txn_req(m: &Obj, depth: u32) -> Result<pb::TxnRequest, tonic::Status> {
 }
 
 /// Inserts `v` unless it is a zero value (as etcd's JSON omits them).
-fn put_nz(m: &mut Obj, k: &str, v: Value) {
+pub(super) fn put_nz(m: &mut Obj, k: &str, v: Value) {
     let zero = match &v {
         Value::String(s) => s.is_empty() || s == "0",
         Value::Bool(b) => !b,
@@ -287,15 +297,15 @@ fn put_nz(m: &mut Obj, k: &str, v: Value) {
     }
 }
 
-fn s64(v: impl ToString) -> Value {
+pub(super) fn s64(v: impl ToString) -> Value {
     Value::String(v.to_string())
 }
 
-fn b64(b: &[u8]) -> Value {
+pub(super) fn b64(b: &[u8]) -> Value {
     Value::String(base64::engine::general_purpose::STANDARD.encode(b))
 }
 
-fn header_json(m: &mut Obj, h: &Option<pb::ResponseHeader>) {
+pub(super) fn header_json(m: &mut Obj, h: &Option<pb::ResponseHeader>) {
     if let Some(h) = h {
         let mut o = Obj::new();
         put_nz(&mut o, "cluster_id", s64(h.cluster_id));
@@ -306,7 +316,7 @@ fn header_json(m: &mut Obj, h: &Option<pb::ResponseHeader>) {
     }
 }
 
-fn kv_json(kv: &mvccpb::KeyValue) -> Value {
+pub(super) fn kv_json(kv: &mvccpb::KeyValue) -> Value {
     let mut o = Obj::new();
     put_nz(&mut o, "key", b64(&kv.key));
     put_nz(&mut o, "create_revision", s64(kv.create_revision));

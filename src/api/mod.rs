@@ -1,5 +1,6 @@
 //! Front ends' shared pieces: the native protocol codec and etcd's request checks.
 pub mod gateway;
+pub mod gateway_stream;
 pub mod native;
 pub mod v3lease;
 pub mod v3lock;

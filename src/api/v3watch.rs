@@ -16,7 +16,7 @@ use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tonic::{Request, Response, Status, Streaming};
 
-static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+pub(crate) static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
 pub fn spec_from_pb(c: pb::WatchCreateRequest) -> WatchSpec {
     WatchSpec {
@@ -126,9 +126,9 @@ pub fn to_pb(m: WatchOut, max_bytes: usize) -> Vec<pb::WatchResponse> {
 }
 
 /// Closes the hub's side when tonic drops the response stream (client gone).
-struct CloseOnDrop {
-    stream: StreamId,
-    bridge: mpsc::Sender<BridgeRequest>,
+pub(crate) struct CloseOnDrop {
+    pub(crate) stream: StreamId,
+    pub(crate) bridge: mpsc::Sender<BridgeRequest>,
 }
 
 impl Drop for CloseOnDrop {
