@@ -1,7 +1,9 @@
 //! The JSON gateway's lease and watch routes, as etcd 3.4's grpc-gateway serves them:
 //! POST /v3/lease/{grant,revoke,timetolive,leases,keepalive} (revoke, timetolive and
-//! leases also under /v3/kv/lease/*), and POST /v3/watch, whose answer is a stream of
-//! `{"result": WatchResponse}` lines kept open until the client disconnects.
+//! leases also under /v3/kv/lease/*), POST /v3/watch, whose answer is a stream of
+//! `{"result": WatchResponse}` lines kept open until the client disconnects, and the
+//! lock / election routes (/v3/lock/{lock,unlock}, /v3/election/{campaign,proclaim,
+//! leader,resign}).
 
 use super::gateway::{
     b64, boolean, bytes, error, header_json, int, kv_json, ok, parse, put_nz, s64, Obj,
@@ -12,6 +14,10 @@ use crate::actors::bridge::{BridgeRequest, WatchCmd};
 use crate::actors::watch::{WatchSpec, STREAM_BUFFER};
 use crate::etcdpb::etcdserverpb as pb;
 use crate::etcdpb::etcdserverpb::lease_server::Lease;
+use crate::etcdpb::v3electionpb as epb;
+use crate::etcdpb::v3electionpb::election_server::Election;
+use crate::etcdpb::v3lockpb as lpb;
+use crate::etcdpb::v3lockpb::lock_server::Lock;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::response::Response;
@@ -32,6 +38,146 @@ pub fn routes() -> axum::Router<Gateway> {
         .route("/v3/kv/lease/leases", post(leases))
         .route("/v3/lease/keepalive", post(keepalive))
         .route("/v3/watch", post(watch))
+        .route("/v3/lock/lock", post(lock))
+        .route("/v3/lock/unlock", post(unlock))
+        .route("/v3/election/campaign", post(campaign))
+        .route("/v3/election/proclaim", post(proclaim))
+        .route("/v3/election/leader", post(leader))
+        .route("/v3/election/resign", post(resign))
+}
+
+fn leader_key(m: &Obj) -> Result<Option<epb::LeaderKey>, tonic::Status> {
+    Ok(match super::gateway::field_obj(m, "leader") {
+        None => None,
+        Some(l) => Some(epb::LeaderKey {
+            name: bytes(l, "name")?,
+            key: bytes(l, "key")?,
+            rev: int(l, "rev")?,
+            lease: int(l, "lease")?,
+        }),
+    })
+}
+
+fn leader_key_json(l: &epb::LeaderKey) -> Value {
+    let mut o = Obj::new();
+    put_nz(&mut o, "name", b64(&l.name));
+    put_nz(&mut o, "key", b64(&l.key));
+    put_nz(&mut o, "rev", s64(l.rev));
+    put_nz(&mut o, "lease", s64(l.lease));
+    Value::Object(o)
+}
+
+async fn lock(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(lpb::LockRequest {
+            name: bytes(&m, "name")?,
+            lease: int(&m, "lease")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Lock::lock(&g, tonic::Request::new(req)).await {
+        Ok(r) => {
+            let r = r.get_ref();
+            let mut o = with_header(&r.header);
+            put_nz(&mut o, "key", b64(&r.key));
+            ok(Value::Object(o))
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn unlock(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(lpb::UnlockRequest {
+            key: bytes(&m, "key")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Lock::unlock(&g, tonic::Request::new(req)).await {
+        Ok(r) => ok(Value::Object(with_header(&r.get_ref().header))),
+        Err(e) => error(e),
+    }
+}
+
+async fn campaign(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(epb::CampaignRequest {
+            name: bytes(&m, "name")?,
+            lease: int(&m, "lease")?,
+            value: bytes(&m, "value")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Election::campaign(&g, tonic::Request::new(req)).await {
+        Ok(r) => {
+            let r = r.get_ref();
+            let mut o = with_header(&r.header);
+            if let Some(l) = &r.leader {
+                o.insert("leader".into(), leader_key_json(l));
+            }
+            ok(Value::Object(o))
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn proclaim(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(epb::ProclaimRequest {
+            leader: leader_key(&m)?,
+            value: bytes(&m, "value")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Election::proclaim(&g, tonic::Request::new(req)).await {
+        Ok(r) => ok(Value::Object(with_header(&r.get_ref().header))),
+        Err(e) => error(e),
+    }
+}
+
+async fn leader(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(epb::LeaderRequest {
+            name: bytes(&m, "name")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Election::leader(&g, tonic::Request::new(req)).await {
+        Ok(r) => {
+            let r = r.get_ref();
+            let mut o = with_header(&r.header);
+            if let Some(kv) = &r.kv {
+                o.insert("kv".into(), kv_json(kv));
+            }
+            ok(Value::Object(o))
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn resign(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(epb::ResignRequest {
+            leader: leader_key(&m)?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Election::resign(&g, tonic::Request::new(req)).await {
+        Ok(r) => ok(Value::Object(with_header(&r.get_ref().header))),
+        Err(e) => error(e),
+    }
 }
 
 fn with_header(h: &Option<pb::ResponseHeader>) -> Obj {
