@@ -4,10 +4,12 @@
 //!   corekv-bench range --consistency l|s ...
 //!   corekv-bench fsync-floor --dir /path/on/the/same/disk
 //!   corekv-bench watch --endpoints 127.0.0.1:2379 --watchers 1000 (etcd's gRPC API)
+//!   corekv-bench lease-keepalive --endpoints 127.0.0.1:2379 --streams 10 (etcd's gRPC API)
 //!
 //! Latencies go into hdrhistogram (µs); results print as one table row and, with
 //! `--json`, as one JSON line for scripts.
 
+mod lease;
 mod watch;
 
 use clap::{Args, Parser, Subcommand};
@@ -43,6 +45,8 @@ enum Cmd {
     },
     /// Watch fan-out over gRPC: events/s and put-to-event latency (etcd or corekv).
     Watch(watch::WatchLoad),
+    /// Lease keepalive throughput over gRPC (etcd or corekv).
+    LeaseKeepalive(lease::KeepAliveLoad),
     /// 4 KiB O_DIRECT write + fdatasync, into a pre-zeroed file and into a growing one.
     FsyncFloor {
         #[arg(long, default_value = ".")]
@@ -418,6 +422,7 @@ fn main() {
         }
         Cmd::FsyncFloor { dir, count, json } => fsync_floor(&dir, count, json),
         Cmd::Watch(w) => watch::run(w),
+        Cmd::LeaseKeepalive(l) => lease::run(l),
     };
     if let Err(e) = r {
         eprintln!("corekv-bench: {e}");

@@ -84,3 +84,44 @@ PY
 echo
 echo "corekv group commit (endpoint status -w json, wal):"
 "$bin/corekv" --endpoints "$ck_native" endpoint status -w json | python3 -c 'import json,sys; w=json.load(sys.stdin)[0]["Status"]["wal"]; print("%d entries in %d synced batches (avg %.1f, max %d per batch); sync p50 %d us, p99 %d us" % (w["entries"], w["batches"], w["entries"]/max(w["batches"],1), w["maxBatch"], w["fsyncP50Micros"], w["fsyncP99Micros"]))'
+
+# Watch fan-out and lease keepalives over etcd's gRPC API, same generator for both.
+etcd_pid=$( [ $have_etcd = 1 ] && echo "${pids[1]}" || echo "")
+ck_pid=${pids[0]}
+: >"$work/watch.json"
+for watchers in 1000 10000 100000; do
+  puts=$((1000000 / watchers)); [ $puts -lt 10 ] && puts=10
+  streams=$((watchers / 1000)); [ $streams -lt 10 ] && streams=10
+  for side in etcd corekv; do
+    if [ $side = etcd ]; then [ $have_etcd = 1 ] || continue; ep=$etcd_client; pid=$etcd_pid; else ep=$ck_grpc; pid=$ck_pid; fi
+    "$bin/corekv-bench" watch --endpoints "$ep" --watchers $watchers --streams $streams --conns 10 \
+      --puts $puts --server-pid "$pid" --json | sed "s/^{/{\"server\":\"$side\",/" >>"$work/watch.json" || true
+  done
+done
+for side in etcd corekv; do
+  if [ $side = etcd ]; then [ $have_etcd = 1 ] || continue; ep=$etcd_client; else ep=$ck_grpc; fi
+  "$bin/corekv-bench" lease-keepalive --endpoints "$ep" --leases 100 --streams 10 --total 50000 --json \
+    | sed "s/^{/{\"server\":\"$side\",/" >>"$work/watch.json" || true
+done
+echo
+python3 - "$work/watch.json" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| workload | etcd gRPC | corekv gRPC | ratio |")
+print("|---|---|---|---|")
+def rss(r):
+    b = r.get("rss_bytes_per_watcher")
+    return f", {b:,.0f} B/watcher" if b is not None else ""
+for w in sorted({r["watchers"] for r in rows if r["workload"] == "watch"}):
+    got = {r["server"]: r for r in rows if r["workload"] == "watch" and r["watchers"] == w}
+    cell = lambda r: f"{r['events_per_s']:,.0f} ev/s, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f}, max {r['max_ms']:.1f}{rss(r)}" if r else "-"
+    e, c = got.get("etcd"), got.get("corekv")
+    ratio = f"{c['events_per_s'] / e['events_per_s']:.2f}×" if e and c else "-"
+    print(f"| watch, {w:,} watchers on one key | {cell(e)} | {cell(c)} | {ratio} |")
+got = {r["server"]: r for r in rows if r["workload"] == "lease-keepalive"}
+cell = lambda r: f"{r['per_s']:,.0f}/s, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f}" if r else "-"
+e, c = got.get("etcd"), got.get("corekv")
+if c:
+    ratio = f"{c['per_s'] / e['per_s']:.2f}×" if e else "-"
+    print(f"| lease keepalive, 10 streams | {cell(e)} | {cell(c)} | {ratio} |")
+PY

@@ -69,17 +69,45 @@ pub enum WatchOut {
     Progress { header: Header, watch_id: i64 },
 }
 
+/// Slot of a watcher in the hub's slab.
+type Wid = u32;
+
 struct Stream {
     tx: mpsc::Sender<WatchOut>,
-    watchers: HashMap<i64, u64>,
+    watchers: HashMap<i64, Wid>,
     next_auto_id: i64,
     /// Control messages owed because the stream was full; sent before any more events.
     pending: VecDeque<WatchOut>,
 }
 
+/// A watcher's filter, compact: the key bytes are shared by every watcher on that key
+/// (or prefix), the options are bits. Idle watchers cost ~64 B here plus their index
+/// entries.
+struct Spec {
+    key: Rc<[u8]>,
+    range_end: Option<Box<[u8]>>,
+    watch_id: i64,
+    flags: u8,
+}
+
+const PREV_KV: u8 = 1;
+const NO_PUT: u8 = 2;
+const NO_DELETE: u8 = 4;
+const PROGRESS_NOTIFY: u8 = 8;
+const FRAGMENT: u8 = 16;
+
+impl Spec {
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+    fn range_end(&self) -> &[u8] {
+        self.range_end.as_deref().unwrap_or(&[])
+    }
+}
+
 struct Watcher {
     stream: StreamId,
-    spec: WatchSpec,
+    spec: Spec,
     /// The first revision not yet delivered.
     next_rev: i64,
     synced: bool,
@@ -93,25 +121,25 @@ enum Shape {
     Range,
 }
 
-fn shape(spec: &WatchSpec) -> Shape {
-    if spec.range_end.is_empty() {
+fn shape(key: &[u8], range_end: &[u8]) -> Shape {
+    if range_end.is_empty() {
         Shape::Key
-    } else if !spec.key.is_empty() && spec.range_end == prefix_end(&spec.key) {
+    } else if !key.is_empty() && range_end == prefix_end(key).as_slice() {
         Shape::Prefix
     } else {
         Shape::Range
     }
 }
 
-fn matches(spec: &WatchSpec, ev: &Event) -> bool {
-    crate::model::in_range(&ev.kv.key, &spec.key, &spec.range_end)
-        && !(spec.no_put && ev.kind == EventKind::Put)
-        && !(spec.no_delete && ev.kind == EventKind::Delete)
+fn matches(spec: &Spec, ev: &Event) -> bool {
+    crate::model::in_range(&ev.kv.key, &spec.key, spec.range_end())
+        && !(spec.has(NO_PUT) && ev.kind == EventKind::Put)
+        && !(spec.has(NO_DELETE) && ev.kind == EventKind::Delete)
 }
 
-fn for_watcher(spec: &WatchSpec, ev: &Event) -> Event {
+fn for_watcher(spec: &Spec, ev: &Event) -> Event {
     let mut e = ev.clone();
-    if !spec.prev_kv {
+    if !spec.has(PREV_KV) {
         e.prev_kv = None;
     }
     e
@@ -125,13 +153,15 @@ pub struct WatchHub {
     /// Every event up to this revision has been offered to the synced watchers.
     last_rev: i64,
     streams: HashMap<StreamId, Stream>,
-    watchers: HashMap<u64, Watcher>,
-    next_wid: u64,
-    by_key: HashMap<Vec<u8>, Vec<u64>>,
-    by_prefix: HashMap<Vec<u8>, Vec<u64>>,
+    /// Slab of watchers; `free` holds empty slots.
+    watchers: Vec<Option<Watcher>>,
+    free: Vec<Wid>,
+    live: usize,
+    by_key: HashMap<Rc<[u8]>, Vec<Wid>>,
+    by_prefix: HashMap<Rc<[u8]>, Vec<Wid>>,
     /// Prefix lengths in use, so a key is looked up only at those lengths.
     prefix_lens: BTreeMap<usize, usize>,
-    ranges: Vec<u64>,
+    ranges: Vec<Wid>,
     unsynced: usize,
     watching: Arc<AtomicUsize>,
 }
@@ -155,8 +185,9 @@ impl WatchHub {
             raft_term,
             last_rev,
             streams: HashMap::new(),
-            watchers: HashMap::new(),
-            next_wid: 1,
+            watchers: Vec::new(),
+            free: Vec::new(),
+            live: 0,
             by_key: HashMap::new(),
             by_prefix: HashMap::new(),
             prefix_lens: BTreeMap::new(),
@@ -180,7 +211,20 @@ impl WatchHub {
     }
 
     pub fn watcher_count(&self) -> usize {
-        self.watchers.len()
+        self.live
+    }
+
+    fn get(&self, wid: Wid) -> Option<&Watcher> {
+        self.watchers.get(wid as usize).and_then(Option::as_ref)
+    }
+
+    /// Live watchers' slots (bounded by the slab's size).
+    fn wids(&self, keep: impl Fn(&Watcher) -> bool) -> Vec<Wid> {
+        self.watchers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.as_ref().filter(|w| keep(w)).map(|_| i as Wid))
+            .collect()
     }
 
     pub fn open_stream(&mut self, id: StreamId, tx: mpsc::Sender<WatchOut>) {
@@ -274,24 +318,31 @@ impl WatchHub {
         } else {
             store_rev.max(self.last_rev) + 1
         };
-        let wid = self.next_wid;
-        self.next_wid += 1;
+        let wid = match self.free.pop() {
+            Some(w) => w,
+            None => {
+                self.watchers.push(None);
+                (self.watchers.len() - 1) as Wid
+            }
+        };
         s.watchers.insert(watch_id, wid);
-        self.index(wid, &spec);
+        let spec = self.index(wid, spec);
         let synced = next_rev > self.last_rev;
         if !synced {
             self.unsynced += 1;
         }
-        self.watchers.insert(
-            wid,
-            Watcher {
-                stream,
-                spec,
-                next_rev,
-                synced,
-                notified: false,
-            },
+        debug_assert!(
+            self.watchers[wid as usize].is_none(),
+            "free slots are empty"
         );
+        self.watchers[wid as usize] = Some(Watcher {
+            stream,
+            spec,
+            next_rev,
+            synced,
+            notified: false,
+        });
+        self.live += 1;
         self.watching.fetch_add(1, Ordering::Relaxed);
         let msg = WatchOut::Created {
             header,
@@ -308,22 +359,47 @@ impl WatchHub {
         }
     }
 
-    fn index(&mut self, wid: u64, spec: &WatchSpec) {
-        match shape(spec) {
-            Shape::Key => self.by_key.entry(spec.key.clone()).or_default().push(wid),
-            Shape::Prefix => {
-                self.by_prefix
-                    .entry(spec.key.clone())
-                    .or_default()
-                    .push(wid);
-                *self.prefix_lens.entry(spec.key.len()).or_default() += 1;
+    /// Files the watcher under its shape and returns its compact spec, sharing the key
+    /// bytes with watchers already on that key or prefix.
+    fn index(&mut self, wid: Wid, spec: WatchSpec) -> Spec {
+        let flags = (spec.prev_kv as u8 * PREV_KV)
+            | (spec.no_put as u8 * NO_PUT)
+            | (spec.no_delete as u8 * NO_DELETE)
+            | (spec.progress_notify as u8 * PROGRESS_NOTIFY)
+            | (spec.fragment as u8 * FRAGMENT);
+        let shape = shape(&spec.key, &spec.range_end);
+        let map = match shape {
+            Shape::Key => Some(&mut self.by_key),
+            Shape::Prefix => Some(&mut self.by_prefix),
+            Shape::Range => None,
+        };
+        let key: Rc<[u8]> = match map {
+            Some(map) => {
+                let key = match map.get_key_value(spec.key.as_slice()) {
+                    Some((k, _)) => k.clone(),
+                    None => Rc::from(spec.key.as_slice()),
+                };
+                map.entry(key.clone()).or_default().push(wid);
+                key
             }
-            Shape::Range => self.ranges.push(wid),
+            None => {
+                self.ranges.push(wid);
+                Rc::from(spec.key.as_slice())
+            }
+        };
+        if shape == Shape::Prefix {
+            *self.prefix_lens.entry(key.len()).or_default() += 1;
+        }
+        Spec {
+            key,
+            range_end: (!spec.range_end.is_empty()).then(|| spec.range_end.into_boxed_slice()),
+            watch_id: spec.watch_id,
+            flags,
         }
     }
 
-    fn unindex(&mut self, wid: u64, spec: &WatchSpec) {
-        fn drop_from(map: &mut HashMap<Vec<u8>, Vec<u64>>, key: &[u8], wid: u64) {
+    fn unindex(&mut self, wid: Wid, spec: &Spec) {
+        fn drop_from(map: &mut HashMap<Rc<[u8]>, Vec<Wid>>, key: &[u8], wid: Wid) {
             if let Some(v) = map.get_mut(key) {
                 v.retain(|w| *w != wid);
                 if v.is_empty() {
@@ -331,7 +407,7 @@ impl WatchHub {
                 }
             }
         }
-        match shape(spec) {
+        match shape(&spec.key, spec.range_end()) {
             Shape::Key => drop_from(&mut self.by_key, &spec.key, wid),
             Shape::Prefix => {
                 drop_from(&mut self.by_prefix, &spec.key, wid);
@@ -346,8 +422,10 @@ impl WatchHub {
         }
     }
 
-    fn remove_watcher(&mut self, wid: u64) -> Option<Watcher> {
-        let w = self.watchers.remove(&wid)?;
+    fn remove_watcher(&mut self, wid: Wid) -> Option<Watcher> {
+        let w = self.watchers.get_mut(wid as usize)?.take()?;
+        self.free.push(wid);
+        self.live -= 1;
         self.unindex(wid, &w.spec);
         if !w.synced {
             self.unsynced -= 1;
@@ -383,8 +461,8 @@ impl WatchHub {
         self.control(stream, msg);
     }
 
-    fn unsync(&mut self, wid: u64, from_rev: i64) {
-        if let Some(w) = self.watchers.get_mut(&wid) {
+    fn unsync(&mut self, wid: Wid, from_rev: i64) {
+        if let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) {
             w.next_rev = w.next_rev.max(from_rev);
             if w.synced {
                 w.synced = false;
@@ -394,7 +472,7 @@ impl WatchHub {
     }
 
     /// Watchers whose key space may contain `key`.
-    fn candidates(&self, key: &[u8], out: &mut Vec<u64>) {
+    fn candidates(&self, key: &[u8], out: &mut Vec<Wid>) {
         if let Some(v) = self.by_key.get(key) {
             out.extend_from_slice(v);
         }
@@ -413,29 +491,24 @@ impl WatchHub {
         }
         let from_rev = batch.from_rev.max(self.last_rev + 1);
         self.last_rev = batch.to_rev;
-        if self.watchers.is_empty() {
+        if self.live == 0 {
             return;
         }
         let Some(events) = &batch.events else {
             // Applied while nobody watched: whoever watches now reads it from the store.
-            let synced: Vec<u64> = self
-                .watchers
-                .iter()
-                .filter(|(_, w)| w.synced)
-                .map(|(id, _)| *id)
-                .collect();
+            let synced = self.wids(|w| w.synced);
             for wid in synced {
                 self.unsync(wid, from_rev);
             }
             return;
         };
-        let mut per_watcher: HashMap<u64, Vec<Event>> = HashMap::new();
+        let mut per_watcher: HashMap<Wid, Vec<Event>> = HashMap::new();
         let mut cands = Vec::new();
         for ev in events.iter().filter(|e| e.kv.mod_revision >= from_rev) {
             cands.clear();
             self.candidates(&ev.kv.key, &mut cands);
             for wid in &cands {
-                let Some(w) = self.watchers.get(wid) else {
+                let Some(w) = self.get(*wid) else {
                     continue;
                 };
                 if w.synced && ev.kv.mod_revision >= w.next_rev && matches(&w.spec, ev) {
@@ -449,7 +522,7 @@ impl WatchHub {
         let header = self.header();
         let mut dead = Vec::new();
         for (wid, evs) in per_watcher {
-            let Some(w) = self.watchers.get_mut(&wid) else {
+            let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) else {
                 continue;
             };
             let Some(s) = self.streams.get_mut(&w.stream) else {
@@ -459,7 +532,7 @@ impl WatchHub {
                 header,
                 watch_id: w.spec.watch_id,
                 events: evs,
-                fragment: w.spec.fragment,
+                fragment: w.spec.has(FRAGMENT),
             };
             let sent = if s.pending.is_empty() {
                 s.tx.try_send(msg)
@@ -530,12 +603,7 @@ impl WatchHub {
                     .get(&w.stream)
                     .is_some_and(|s| s.pending.is_empty())
         };
-        let doomed: Vec<u64> = self
-            .watchers
-            .iter()
-            .filter(|(_, w)| ready(self, w) && w.next_rev < compacted)
-            .map(|(id, _)| *id)
-            .collect();
+        let doomed = self.wids(|w| ready(self, w) && w.next_rev < compacted);
         for wid in doomed {
             if let Some(w) = self.remove_watcher(wid) {
                 if let Some(s) = self.streams.get_mut(&w.stream) {
@@ -555,15 +623,10 @@ impl WatchHub {
                 self.control(w.stream, msg);
             }
         }
-        let waiting: Vec<u64> = self
-            .watchers
-            .iter()
-            .filter(|(_, w)| ready(self, w))
-            .map(|(id, _)| *id)
-            .collect();
+        let waiting = self.wids(|w| ready(self, w));
         let Some(from) = waiting
             .iter()
-            .filter_map(|id| self.watchers.get(id).map(|w| w.next_rev))
+            .filter_map(|id| self.get(*id).map(|w| w.next_rev))
             .min()
         else {
             return Ok(());
@@ -576,7 +639,7 @@ impl WatchHub {
         };
         let header = self.header();
         for wid in waiting {
-            let Some(w) = self.watchers.get_mut(&wid) else {
+            let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) else {
                 continue;
             };
             let evs: Vec<Event> = events
@@ -596,7 +659,7 @@ impl WatchHub {
                     header,
                     watch_id: w.spec.watch_id,
                     events: evs,
-                    fragment: w.spec.fragment,
+                    fragment: w.spec.has(FRAGMENT),
                 };
                 if s.tx.try_send(msg).is_err() {
                     continue; // still slow: try again next step
@@ -616,9 +679,9 @@ impl WatchHub {
     /// events since the last one.
     pub fn progress_tick(&mut self) {
         let header = self.header();
-        for w in self.watchers.values_mut() {
+        for w in self.watchers.iter_mut().flatten() {
             let notified = std::mem::take(&mut w.notified);
-            if !w.spec.progress_notify || !w.synced || notified {
+            if !w.spec.has(PROGRESS_NOTIFY) || !w.synced || notified {
                 continue;
             }
             if let Some(s) = self.streams.get_mut(&w.stream) {
