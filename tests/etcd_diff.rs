@@ -91,7 +91,7 @@ fn etcdctl(endpoint: &str, args: &[&str], stdin: &str) -> (i32, String, String) 
     )
 }
 
-/// Like `etcdctl`, for verbs that run until stopped: SIGINT after `ms` milliseconds.
+/// Like `etcdctl`, for verbs that run until stopped: killed after `ms` milliseconds.
 fn etcdctl_timed(endpoint: &str, args: &[&str], ms: u64) -> (i32, String, String) {
     let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -105,10 +105,8 @@ fn etcdctl_timed(endpoint: &str, args: &[&str], ms: u64) -> (i32, String, String
     while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if child.try_wait().unwrap().is_none() {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    }
+    // SIGKILL: a background shell (CI) starts children with SIGINT ignored.
+    let _ = child.kill();
     let out = child.wait_with_output().expect("etcdctl output");
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err
