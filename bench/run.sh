@@ -98,6 +98,13 @@ for watchers in 1000 10000 100000; do
       --puts $puts --server-pid "$pid" --json | sed "s/^{/{\"server\":\"$side\",/" >>"$work/watch.json" || true
   done
 done
+# Latency at a fixed put rate (etcd's `benchmark watch-latency` regime): 1000 watchers,
+# 200 puts/s -> 200k events/s offered.
+for side in etcd corekv; do
+  if [ $side = etcd ]; then [ $have_etcd = 1 ] || continue; ep=$etcd_client; pid=$etcd_pid; else ep=$ck_grpc; pid=$ck_pid; fi
+  "$bin/corekv-bench" watch --endpoints "$ep" --watchers 1000 --streams 10 --conns 10 \
+    --puts 2000 --rate 200 --json | sed "s/^{/{\"server\":\"$side\",/" >>"$work/watch.json" || true
+done
 for side in etcd corekv; do
   if [ $side = etcd ]; then [ $have_etcd = 1 ] || continue; ep=$etcd_client; else ep=$ck_grpc; fi
   "$bin/corekv-bench" lease-keepalive --endpoints "$ep" --leases 100 --streams 10 --total 50000 --json \
@@ -112,12 +119,13 @@ print("|---|---|---|---|")
 def rss(r):
     b = r.get("rss_bytes_per_watcher")
     return f", {b:,.0f} B/watcher" if b is not None else ""
-for w in sorted({r["watchers"] for r in rows if r["workload"] == "watch"}):
-    got = {r["server"]: r for r in rows if r["workload"] == "watch" and r["watchers"] == w}
+for w, rate in sorted({(r["watchers"], r.get("rate", 0)) for r in rows if r["workload"] == "watch"}):
+    got = {r["server"]: r for r in rows if r["workload"] == "watch" and r["watchers"] == w and r.get("rate", 0) == rate}
     cell = lambda r: f"{r['events_per_s']:,.0f} ev/s, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f}, max {r['max_ms']:.1f}{rss(r)}" if r else "-"
     e, c = got.get("etcd"), got.get("corekv")
     ratio = f"{c['events_per_s'] / e['events_per_s']:.2f}×" if e and c else "-"
-    print(f"| watch, {w:,} watchers on one key | {cell(e)} | {cell(c)} | {ratio} |")
+    how = f", {rate} puts/s" if rate else ", puts unthrottled"
+    print(f"| watch, {w:,} watchers on one key{how} | {cell(e)} | {cell(c)} | {ratio} |")
 got = {r["server"]: r for r in rows if r["workload"] == "lease-keepalive"}
 cell = lambda r: f"{r['per_s']:,.0f}/s, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f}" if r else "-"
 e, c = got.get("etcd"), got.get("corekv")

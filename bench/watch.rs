@@ -27,6 +27,10 @@ pub struct WatchLoad {
     put_clients: u64,
     #[arg(long, default_value_t = 2000)]
     puts: u64,
+    /// Puts per second over all writers (0 = as fast as they go), as etcd's
+    /// `benchmark watch-latency --put-rate`.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Server process to sample VmRSS from (memory per watcher).
     #[arg(long)]
     server_pid: Option<u32>,
@@ -151,9 +155,15 @@ async fn run_async(w: WatchLoad) -> Result<(), String> {
         let n = w.puts / w.put_clients.max(1) + u64::from(p < w.puts % w.put_clients.max(1));
         let ch = channel(&url).await?;
         let key = key.clone();
+        let per_writer_rate = w.rate as f64 / w.put_clients.max(1) as f64;
         writers.push(tokio::spawn(async move {
             let mut kv = pb::kv_client::KvClient::new(ch);
-            for _ in 0..n {
+            let start = tokio::time::Instant::now();
+            for i in 0..n {
+                if per_writer_rate > 0.0 {
+                    let due = start + Duration::from_secs_f64(i as f64 / per_writer_rate);
+                    tokio::time::sleep_until(due).await;
+                }
                 let mut value = (epoch.elapsed().as_nanos() as u64).to_be_bytes().to_vec();
                 value.resize(64, b'v');
                 let put = pb::PutRequest {
@@ -201,7 +211,7 @@ async fn run_async(w: WatchLoad) -> Result<(), String> {
         println!(
             "{}",
             serde_json::json!({
-                "workload": "watch", "watchers": w.watchers, "streams": w.streams, "puts": w.puts,
+                "workload": "watch", "watchers": w.watchers, "streams": w.streams, "puts": w.puts, "rate": w.rate,
                 "events": got, "expected": expected_events, "seconds": secs, "events_per_s": ev_per_s,
                 "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
                 "max_ms": all.max() as f64 / 1000.0, "rss_bytes_per_watcher": per_watcher,

@@ -122,8 +122,30 @@ fn etcdctl_timed(endpoint: &str, args: &[&str], ms: u64) -> (i32, String, String
     )
 }
 
+/// Sorts the items between `open` and `close` (etcd lists a lease's keys in Go map
+/// order, which varies run to run).
+fn sort_list(s: &str, open: &str, close: char, sep: char) -> String {
+    let Some(i) = s.find(open) else {
+        return s.to_string();
+    };
+    let start = i + open.len();
+    let Some(len) = s[start..].find(close) else {
+        return s.to_string();
+    };
+    let mut items: Vec<&str> = s[start..start + len].split(sep).collect();
+    items.sort_unstable();
+    format!(
+        "{}{}{}",
+        &s[..start],
+        items.join(&sep.to_string()),
+        &s[start + len..]
+    )
+}
+
 /// Replaces lease ids (16 hex digits, or the decimal form in JSON) and remaining TTLs.
 fn normalize_leases(s: &str) -> String {
+    let s = sort_list(s, "\"keys\":[", ']', ',');
+    let s = sort_list(&s, "attached keys([", ']', ' ');
     let mut out = String::new();
     let chars: Vec<char> = s.chars().collect();
     let mut i = 0;
