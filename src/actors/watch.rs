@@ -74,7 +74,8 @@ type Wid = u32;
 
 struct Stream {
     tx: mpsc::Sender<WatchOut>,
-    watchers: HashMap<i64, Wid>,
+    /// This stream's watchers, sorted by watch id (ids are looked up in the slab).
+    watchers: Vec<Wid>,
     next_auto_id: i64,
     /// Control messages owed because the stream was full; sent before any more events.
     pending: VecDeque<WatchOut>,
@@ -88,6 +89,9 @@ struct Spec {
     range_end: Option<Box<[u8]>>,
     watch_id: i64,
     flags: u8,
+    // State bits live here too: they fit the struct's padding.
+    synced: bool,
+    notified: bool,
 }
 
 const PREV_KV: u8 = 1;
@@ -110,8 +114,6 @@ struct Watcher {
     spec: Spec,
     /// The first revision not yet delivered.
     next_rev: i64,
-    synced: bool,
-    notified: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -214,6 +216,18 @@ impl WatchHub {
         self.live
     }
 
+    /// Position in the stream's list and slot of the watcher with `watch_id`.
+    fn find(&self, stream: StreamId, watch_id: i64) -> Option<(usize, Wid)> {
+        let s = self.streams.get(&stream)?;
+        let at = s
+            .watchers
+            .binary_search_by_key(&watch_id, |w| {
+                self.get(*w).map_or(i64::MIN, |w| w.spec.watch_id)
+            })
+            .ok()?;
+        Some((at, s.watchers[at]))
+    }
+
     fn get(&self, wid: Wid) -> Option<&Watcher> {
         self.watchers.get(wid as usize).and_then(Option::as_ref)
     }
@@ -230,7 +244,7 @@ impl WatchHub {
     pub fn open_stream(&mut self, id: StreamId, tx: mpsc::Sender<WatchOut>) {
         let s = Stream {
             tx,
-            watchers: HashMap::new(),
+            watchers: Vec::new(),
             next_auto_id: 0,
             pending: VecDeque::new(),
         };
@@ -240,7 +254,7 @@ impl WatchHub {
 
     pub fn close_stream(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id) {
-            for wid in s.watchers.into_values() {
+            for wid in s.watchers {
                 self.remove_watcher(wid);
             }
         }
@@ -268,6 +282,14 @@ impl WatchHub {
 
     pub fn create(&mut self, stream: StreamId, mut spec: WatchSpec) {
         let header = self.header();
+        let taken = |hub: &WatchHub, id: i64| hub.find(stream, id).is_some();
+        let duplicate = spec.watch_id != AUTO_WATCH_ID && taken(self, spec.watch_id);
+        let mut auto_id = self.streams.get(&stream).map_or(0, |s| s.next_auto_id);
+        if spec.watch_id == AUTO_WATCH_ID {
+            while taken(self, auto_id) {
+                auto_id += 1;
+            }
+        }
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
         };
@@ -280,7 +302,7 @@ impl WatchHub {
             && spec.key.as_slice() >= spec.range_end.as_slice()
         {
             Some("mvcc: watcher range is empty".to_string())
-        } else if spec.watch_id != AUTO_WATCH_ID && s.watchers.contains_key(&spec.watch_id) {
+        } else if duplicate {
             Some("mvcc: duplicate watch ID provided on the WatchStream".to_string())
         } else {
             None
@@ -290,11 +312,8 @@ impl WatchHub {
         } else if spec.watch_id != AUTO_WATCH_ID {
             spec.watch_id
         } else {
-            while s.watchers.contains_key(&s.next_auto_id) {
-                s.next_auto_id += 1;
-            }
-            s.next_auto_id += 1;
-            s.next_auto_id - 1
+            s.next_auto_id = auto_id + 1;
+            auto_id
         };
         if error.is_some() {
             let msg = WatchOut::Created {
@@ -325,10 +344,9 @@ impl WatchHub {
                 (self.watchers.len() - 1) as Wid
             }
         };
-        s.watchers.insert(watch_id, wid);
-        let spec = self.index(wid, spec);
-        let synced = next_rev > self.last_rev;
-        if !synced {
+        let mut spec = self.index(wid, spec);
+        spec.synced = next_rev > self.last_rev;
+        if !spec.synced {
             self.unsynced += 1;
         }
         debug_assert!(
@@ -339,10 +357,19 @@ impl WatchHub {
             stream,
             spec,
             next_rev,
-            synced,
-            notified: false,
         });
         self.live += 1;
+        // Sorted by watch id (auto ids only grow; explicit ones may land anywhere).
+        let ids = &self.watchers;
+        if let Some(s) = self.streams.get_mut(&stream) {
+            let id_of = |w: &Wid| {
+                ids[*w as usize]
+                    .as_ref()
+                    .map_or(i64::MIN, |w| w.spec.watch_id)
+            };
+            let at = s.watchers.partition_point(|w| id_of(w) < watch_id);
+            s.watchers.insert(at, wid);
+        }
         self.watching.fetch_add(1, Ordering::Relaxed);
         let msg = WatchOut::Created {
             header,
@@ -395,6 +422,8 @@ impl WatchHub {
             range_end: (!spec.range_end.is_empty()).then(|| spec.range_end.into_boxed_slice()),
             watch_id: spec.watch_id,
             flags,
+            synced: false,
+            notified: false,
         }
     }
 
@@ -426,8 +455,11 @@ impl WatchHub {
         let w = self.watchers.get_mut(wid as usize)?.take()?;
         self.free.push(wid);
         self.live -= 1;
+        if let Some(s) = self.streams.get_mut(&w.stream) {
+            s.watchers.retain(|x| *x != wid);
+        }
         self.unindex(wid, &w.spec);
-        if !w.synced {
+        if !w.spec.synced {
             self.unsynced -= 1;
         }
         self.watching.fetch_sub(1, Ordering::Relaxed);
@@ -435,11 +467,7 @@ impl WatchHub {
     }
 
     pub fn cancel(&mut self, stream: StreamId, watch_id: i64) {
-        let Some(wid) = self
-            .streams
-            .get_mut(&stream)
-            .and_then(|s| s.watchers.remove(&watch_id))
-        else {
+        let Some((_, wid)) = self.find(stream, watch_id) else {
             return; // etcd answers nothing for an unknown id
         };
         self.remove_watcher(wid);
@@ -464,8 +492,8 @@ impl WatchHub {
     fn unsync(&mut self, wid: Wid, from_rev: i64) {
         if let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) {
             w.next_rev = w.next_rev.max(from_rev);
-            if w.synced {
-                w.synced = false;
+            if w.spec.synced {
+                w.spec.synced = false;
                 self.unsynced += 1;
             }
         }
@@ -496,7 +524,7 @@ impl WatchHub {
         }
         let Some(events) = &batch.events else {
             // Applied while nobody watched: whoever watches now reads it from the store.
-            let synced = self.wids(|w| w.synced);
+            let synced = self.wids(|w| w.spec.synced);
             for wid in synced {
                 self.unsync(wid, from_rev);
             }
@@ -511,7 +539,7 @@ impl WatchHub {
                 let Some(w) = self.get(*wid) else {
                     continue;
                 };
-                if w.synced && ev.kv.mod_revision >= w.next_rev && matches(&w.spec, ev) {
+                if w.spec.synced && ev.kv.mod_revision >= w.next_rev && matches(&w.spec, ev) {
                     per_watcher
                         .entry(*wid)
                         .or_default()
@@ -543,7 +571,7 @@ impl WatchHub {
             match sent {
                 Ok(()) => {
                     w.next_rev = batch.to_rev + 1;
-                    w.notified = true;
+                    w.spec.notified = true;
                 }
                 Err(Some(stream)) => dead.push(stream),
                 Err(None) => self.unsync(wid, from_rev),
@@ -597,7 +625,7 @@ impl WatchHub {
         let txn = backend.read_txn()?;
         let compacted = mvcc::compacted_revision(&backend, &txn)?;
         let ready = |hub: &WatchHub, w: &Watcher| {
-            !w.synced
+            !w.spec.synced
                 && hub
                     .streams
                     .get(&w.stream)
@@ -606,9 +634,6 @@ impl WatchHub {
         let doomed = self.wids(|w| ready(self, w) && w.next_rev < compacted);
         for wid in doomed {
             if let Some(w) = self.remove_watcher(wid) {
-                if let Some(s) = self.streams.get_mut(&w.stream) {
-                    s.watchers.remove(&w.spec.watch_id);
-                }
                 let msg = WatchOut::Canceled {
                     // etcd's compacted response carries no revision in its header.
                     header: Header {
@@ -664,11 +689,11 @@ impl WatchHub {
                 if s.tx.try_send(msg).is_err() {
                     continue; // still slow: try again next step
                 }
-                w.notified = true;
+                w.spec.notified = true;
             }
             w.next_rev = w.next_rev.max(next);
             if w.next_rev > self.last_rev {
-                w.synced = true;
+                w.spec.synced = true;
                 self.unsynced -= 1;
             }
         }
@@ -680,8 +705,8 @@ impl WatchHub {
     pub fn progress_tick(&mut self) {
         let header = self.header();
         for w in self.watchers.iter_mut().flatten() {
-            let notified = std::mem::take(&mut w.notified);
-            if !w.spec.has(PROGRESS_NOTIFY) || !w.synced || notified {
+            let notified = std::mem::take(&mut w.spec.notified);
+            if !w.spec.has(PROGRESS_NOTIFY) || !w.spec.synced || notified {
                 continue;
             }
             if let Some(s) = self.streams.get_mut(&w.stream) {
@@ -844,5 +869,53 @@ mod tests {
         assert_eq!(got[1], ["k1", "k2", "k25", "k3"]);
         assert_eq!(got[2], ["k2", "k25"]);
         assert_eq!(got[3], ["zz"]);
+    }
+
+    /// Watch ids per stream: auto ids count up past explicit ones, duplicates are
+    /// refused, cancel finds the right watcher.
+    #[test]
+    fn watch_ids_duplicates_and_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(dir.path(), 64 << 20).unwrap();
+        let mut hub = WatchHub::new(b, 1, 2, Rc::new(Cell::new(1)), Default::default()).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        hub.open_stream(1, tx);
+        let spec = |id: i64| WatchSpec {
+            key: b"k".to_vec(),
+            watch_id: id,
+            ..Default::default()
+        };
+        for id in [5, 0, 0, 2, 5, 0] {
+            hub.create(1, spec(id));
+        }
+        hub.cancel(1, 2);
+        hub.cancel(1, 42); // unknown: no answer
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            got.push(match m {
+                WatchOut::Created {
+                    watch_id, error, ..
+                } => (watch_id, error.is_some(), "created"),
+                WatchOut::Canceled { watch_id, .. } => (watch_id, true, "canceled"),
+                _ => (0, false, "other"),
+            });
+        }
+        assert_eq!(
+            got,
+            vec![
+                (5, false, "created"),
+                (0, false, "created"),
+                (1, false, "created"),
+                (2, false, "created"),
+                (-1, true, "created"), // duplicate 5
+                (3, false, "created"),
+                (2, true, "canceled"),
+            ]
+        );
+        assert_eq!(hub.watcher_count(), 4);
+        hub.cancel(1, 5);
+        assert_eq!(hub.watcher_count(), 3);
+        hub.close_stream(1);
+        assert_eq!(hub.watcher_count(), 0);
     }
 }
