@@ -33,18 +33,8 @@ pub fn run(l: KeepAliveLoad) -> Result<(), String> {
 
 async fn run_async(l: KeepAliveLoad) -> Result<(), String> {
     use pb::lease_client::LeaseClient;
-    let ep = l.endpoints.split(',').next().unwrap_or_default().trim();
-    let url = if ep.contains("://") {
-        ep.to_string()
-    } else {
-        format!("http://{ep}")
-    };
-    let ch = tonic::transport::Endpoint::from_shared(url.clone())
-        .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("dial {url}: {e}"))?;
+    let url = super::grpc_url(&l.endpoints);
+    let ch = super::watch::channel(&url).await?;
     let mut client = LeaseClient::new(ch.clone());
     let mut ids = Vec::new();
     for _ in 0..l.leases {

@@ -134,6 +134,16 @@ where
     (h, errors)
 }
 
+/// The first endpoint as a URL tonic can dial (scheme optional on the command line).
+fn grpc_url(endpoints: &str) -> String {
+    let ep = endpoints.split(',').next().unwrap_or_default().trim();
+    if ep.contains("://") {
+        ep.to_string()
+    } else {
+        format!("http://{ep}")
+    }
+}
+
 fn new_histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds")
 }
@@ -155,18 +165,7 @@ fn run_thread_grpc(
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let ep = load
-            .endpoints
-            .split(',')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        let url = if ep.contains("://") {
-            ep
-        } else {
-            format!("http://{ep}")
-        };
+        let url = grpc_url(&load.endpoints);
         let mut channels = Vec::new();
         for _ in 0..conns.max(1) {
             let ch = tonic::transport::Endpoint::from_shared(url.clone())

@@ -45,7 +45,7 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-async fn channel(url: &str) -> Result<tonic::transport::Channel, String> {
+pub(super) async fn channel(url: &str) -> Result<tonic::transport::Channel, String> {
     tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| e.to_string())?
         .tcp_nodelay(true)
@@ -65,12 +65,7 @@ pub fn run(w: WatchLoad) -> Result<(), String> {
 
 async fn run_async(w: WatchLoad) -> Result<(), String> {
     use pb::watch_client::WatchClient;
-    let ep = w.endpoints.split(',').next().unwrap_or_default().trim();
-    let url = if ep.contains("://") {
-        ep.to_string()
-    } else {
-        format!("http://{ep}")
-    };
+    let url = super::grpc_url(&w.endpoints);
     let key = b"corekv-bench-watch".to_vec();
     let epoch = Instant::now();
     let rss_before = w.server_pid.and_then(rss_bytes);
