@@ -63,6 +63,20 @@ fn start_etcd(dir: &std::path::Path) -> Etcd {
 
 /// (exit code, stdout, last stderr line) of one etcdctl call.
 fn etcdctl(endpoint: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
+    run_etcdctl(endpoint, args, stdin, None)
+}
+
+/// Like `etcdctl`, for verbs that run until stopped: killed after `ms` milliseconds.
+fn etcdctl_timed(endpoint: &str, args: &[&str], ms: u64) -> (i32, String, String) {
+    run_etcdctl(endpoint, args, "", Some(Duration::from_millis(ms)))
+}
+
+fn run_etcdctl(
+    endpoint: &str,
+    args: &[&str],
+    stdin: &str,
+    limit: Option<Duration>,
+) -> (i32, String, String) {
     use std::io::Write;
     let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -76,37 +90,14 @@ fn etcdctl(endpoint: &str, args: &[&str], stdin: &str) -> (i32, String, String) 
     if let Some(mut i) = child.stdin.take() {
         let _ = i.write_all(stdin.as_bytes());
     }
-    let out = child.wait_with_output().expect("etcdctl output");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let last = err
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .to_string();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        last,
-    )
-}
-
-/// Like `etcdctl`, for verbs that run until stopped: killed after `ms` milliseconds.
-fn etcdctl_timed(endpoint: &str, args: &[&str], ms: u64) -> (i32, String, String) {
-    let mut child = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run etcdctl");
-    let deadline = Instant::now() + Duration::from_millis(ms);
-    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    if let Some(limit) = limit {
+        let deadline = Instant::now() + limit;
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SIGKILL: a background shell (CI) starts children with SIGINT ignored.
+        let _ = child.kill();
     }
-    // SIGKILL: a background shell (CI) starts children with SIGINT ignored.
-    let _ = child.kill();
     let out = child.wait_with_output().expect("etcdctl output");
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err

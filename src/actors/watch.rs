@@ -116,6 +116,17 @@ struct Watcher {
     next_rev: i64,
 }
 
+impl Watcher {
+    fn events(&self, header: Header, events: Vec<Event>) -> WatchOut {
+        WatchOut::Events {
+            header,
+            watch_id: self.spec.watch_id,
+            events,
+            fragment: self.spec.has(FRAGMENT),
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Shape {
     Key,
@@ -556,12 +567,7 @@ impl WatchHub {
             let Some(s) = self.streams.get_mut(&w.stream) else {
                 continue;
             };
-            let msg = WatchOut::Events {
-                header,
-                watch_id: w.spec.watch_id,
-                events: evs,
-                fragment: w.spec.has(FRAGMENT),
-            };
+            let msg = w.events(header, evs);
             let sent = if s.pending.is_empty() {
                 s.tx.try_send(msg)
                     .map_err(|e| e.is_disconnected().then_some(w.stream))
@@ -680,13 +686,7 @@ impl WatchHub {
                 let Some(s) = self.streams.get_mut(&w.stream) else {
                     continue;
                 };
-                let msg = WatchOut::Events {
-                    header,
-                    watch_id: w.spec.watch_id,
-                    events: evs,
-                    fragment: w.spec.has(FRAGMENT),
-                };
-                if s.tx.try_send(msg).is_err() {
+                if s.tx.try_send(w.events(header, evs)).is_err() {
                     continue; // still slow: try again next step
                 }
                 w.spec.notified = true;
