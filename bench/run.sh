@@ -12,11 +12,12 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/corekv-bench.XXXXXX")
 base=$((22000 + RANDOM % 3000))
 ck_native="127.0.0.1:$base" ck_grpc="127.0.0.1:$((base + 1))"
 etcd_client="127.0.0.1:$((base + 2))" etcd_peer="http://127.0.0.1:$((base + 3))"
+ck_peer="http://127.0.0.1:$((base + 4))"
 pids=()
 trap 'kill -9 "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
 
 "$bin/corekv" serve --data-dir "$work/corekv" --listen-native-urls "$ck_native" \
-  --listen-client-urls "$ck_grpc" "$@" >"$work/corekv.log" 2>&1 &
+  --listen-client-urls "$ck_grpc" --listen-peer-urls "$ck_peer" "$@" >"$work/corekv.log" 2>&1 &
 pids+=($!)
 have_etcd=0
 if command -v etcd >/dev/null 2>&1; then

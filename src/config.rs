@@ -18,6 +18,10 @@ pub const ETCD_FLAGS: &[&str] = &[
     "election-timeout",
     "initial-cluster-token",
     "initial-advertise-peer-urls",
+    "initial-cluster",
+    "initial-cluster-state",
+    "listen-peer-urls",
+    "discovery-srv",
     "listen-client-urls",
     "advertise-client-urls",
 ];
@@ -115,6 +119,28 @@ pub struct ServeConfig {
         default_value = "http://localhost:2380"
     )]
     pub initial_advertise_peer_urls: String,
+    /// URLs to listen on for peer (raft) traffic (comma-separated).
+    #[arg(
+        long,
+        env = "COREKV_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub listen_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping: name=peer-url,... (default: this
+    /// member alone, `<name>=<initial-advertise-peer-urls>`). Ignored once the data dir
+    /// holds a member.
+    #[arg(long, env = "COREKV_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// `new` to bootstrap a new cluster, `existing` to join one (after `member add`).
+    #[arg(long, env = "COREKV_INITIAL_CLUSTER_STATE", default_value = "new", value_parser = ["new", "existing"])]
+    pub initial_cluster_state: String,
+    /// DNS domain whose `_etcd-server._tcp` SRV records list the initial cluster.
+    #[arg(long, env = "COREKV_DISCOVERY_SRV")]
+    pub discovery_srv: Option<String>,
+    /// Promote a learner to voter once its log is within this many entries of the
+    /// leader's (0 = never; etcd has no such option).
+    #[arg(long, env = "COREKV_AUTO_PROMOTE_LEARNERS", default_value_t = 0)]
+    pub auto_promote_learners: u64,
     /// How WAL batches are made durable: `dsync` (segments opened O_DSYNC: each batch's
     /// write is durable when it completes, one I/O) or `fdatasync` (write, then
     /// fdatasync). Both sync once per group-commit batch.
@@ -183,6 +209,8 @@ impl ServeConfig {
         }
         parse_urls(&self.listen_native_urls)?;
         parse_urls(&self.listen_client_urls)?;
+        parse_urls(&self.listen_peer_urls)?;
+        parse_urls(&self.initial_advertise_peer_urls)?;
         Ok(())
     }
 
@@ -190,6 +218,10 @@ impl ServeConfig {
         self.cores
             .map(|c| c as usize)
             .unwrap_or_else(|| available_cpus().len())
+    }
+
+    pub fn snap_dir(&self) -> PathBuf {
+        self.member_dir().join("snap")
     }
 
     pub fn member_dir(&self) -> PathBuf {
@@ -206,29 +238,29 @@ impl ServeConfig {
         self.member_dir().join("db")
     }
 
-    /// etcd's member ID: sha1 over sorted peer URLs + cluster token, first 8 bytes.
-    pub fn member_id(&self) -> u64 {
-        use sha1::{Digest, Sha1};
-        let mut urls: Vec<&str> = self
-            .initial_advertise_peer_urls
-            .split(',')
-            .map(str::trim)
-            .collect();
-        urls.sort();
-        let mut h = Sha1::new();
-        for u in urls {
-            h.update(u.as_bytes());
+    /// `--initial-cluster` with its default (this member alone).
+    pub fn initial_cluster_spec(&self) -> String {
+        match &self.initial_cluster {
+            Some(c) => c.clone(),
+            None => crate::cluster::url_list(&self.initial_advertise_peer_urls)
+                .iter()
+                .map(|u| format!("{}={u}", self.name))
+                .collect::<Vec<_>>()
+                .join(","),
         }
-        h.update(self.initial_cluster_token.as_bytes());
-        let d = h.finalize();
-        u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8])).max(1)
     }
 
-    /// etcd's cluster ID: sha1 over the sorted member IDs (8 bytes each, big endian).
-    pub fn cluster_id(&self) -> u64 {
-        use sha1::{Digest, Sha1};
-        let d = Sha1::digest(self.member_id().to_be_bytes());
-        u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8]))
+    pub fn advertise_peer_urls(&self) -> Vec<String> {
+        crate::cluster::url_list(&self.initial_advertise_peer_urls)
+    }
+
+    /// This member's ID as bootstrap derives it (etcd's derivation).
+    pub fn member_id(&self) -> u64 {
+        crate::cluster::member_id(
+            &self.advertise_peer_urls(),
+            &self.initial_cluster_token,
+            None,
+        )
     }
 }
 
@@ -285,7 +317,7 @@ mod tests {
         // etcd 3.4 started with defaults reports member 8e9e05c52164694d in cluster cdf818194e3a8c32.
         let t = T::try_parse_from(["x"]).unwrap();
         assert_eq!(format!("{:x}", t.c.member_id()), "8e9e05c52164694d");
-        assert_eq!(format!("{:x}", t.c.cluster_id()), "cdf818194e3a8c32");
+        assert_eq!(t.c.initial_cluster_spec(), "default=http://localhost:2380");
     }
 
     #[test]

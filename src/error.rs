@@ -12,6 +12,7 @@ pub enum Code {
     FailedPrecondition,
     Unavailable,
     Internal,
+    DeadlineExceeded,
     /// Plain Go errors returned by etcd's lock/election services.
     Unknown,
 }
@@ -47,6 +48,20 @@ pub enum KvError {
     LeaseTtlTooLarge,
     #[error("etcdserver: not leader")]
     NotLeader,
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     #[error("election: not leader")]
     ElectionNotLeader,
     #[error("election: no leader")]
@@ -72,7 +87,12 @@ impl KvError {
             | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             LeaseExist => Code::FailedPrecondition,
-            NotLeader => Code::Unavailable,
+            NotLeader | LearnerNotReady | MemberNotLearner | MemberExists | PeerUrlExists => {
+                Code::FailedPrecondition
+            }
+            NoLeader => Code::Unavailable,
+            MemberNotFound => Code::NotFound,
+            LeaderTransferTimeout => Code::DeadlineExceeded,
             ElectionNotLeader | ElectionNoLeader => Code::Unknown,
             NoSpace | TooManyRequests => Code::ResourceExhausted,
             LeaseNotFound => Code::NotFound,
@@ -100,6 +120,13 @@ impl KvError {
             LeaseExist,
             LeaseTtlTooLarge,
             NotLeader,
+            NoLeader,
+            LearnerNotReady,
+            MemberNotLearner,
+            MemberExists,
+            PeerUrlExists,
+            MemberNotFound,
+            LeaderTransferTimeout,
             ElectionNotLeader,
             ElectionNoLeader,
             TooManyRequests,

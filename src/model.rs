@@ -199,6 +199,12 @@ pub enum WriteRequest {
     },
     /// Remaining TTLs recorded by the leader, so a restart or new leader does not reset them.
     LeaseCheckpoint(Vec<(i64, i64)>),
+    /// A started member records its name and client URLs (etcd's publish).
+    PublishMember {
+        id: u64,
+        name: String,
+        client_urls: Vec<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,9 +214,14 @@ pub enum WriteResponse {
     Txn(TxnResponse),
     Compact,
     Alarm(Vec<AlarmMember>),
-    LeaseGrant { id: i64, ttl_secs: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl_secs: i64,
+    },
     LeaseRevoke,
     LeaseCheckpoint,
+    /// The membership after a member change or publish.
+    Members(Vec<crate::cluster::Member>),
 }
 
 /// A lease as stored: its granted TTL and the remaining TTL of the last checkpoint

@@ -6,6 +6,7 @@ use crate::actors::network::{self, NetSettings, Shard};
 use crate::actors::raft::{RaftActor, RaftInput, RaftSetup};
 use crate::actors::wal::WalActor;
 use crate::actors::{connect_rx, Mailboxes};
+use crate::cluster::Member;
 use crate::config::{available_cpus, parse_urls, ServeConfig};
 use crate::storage::backend::{meta_key, Backend};
 use crate::storage::raft_log::RaftLog;
@@ -15,6 +16,10 @@ use glommio::{LocalExecutorBuilder, Placement};
 use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 use std::time::Duration;
+
+/// Raft messages from peers waiting for the raft actor; a full inbox stops reading
+/// the peers' sockets (back-pressure through TCP).
+const PEER_INBOX: usize = 4096;
 
 /// Registered I/O memory per executor; small because RLIMIT_MEMLOCK is 8 MiB here.
 const IO_MEMORY_BYTES: usize = 2 << 20;
@@ -43,17 +48,27 @@ struct Recovered {
     wal: wal::Recovered,
     applied_index: u64,
     applied_term: u64,
+    member_id: u64,
+    cluster_id: u64,
+    members: Vec<Member>,
 }
 
 fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
-    let member_id = cfg.member_id();
-    for dir in [cfg.member_dir().join("snap"), cfg.wal_path(), cfg.db_path()] {
+    for dir in [cfg.snap_dir(), cfg.wal_path(), cfg.db_path()] {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
     // The map only reserves address space; twice the quota leaves room past the alarm.
     let map_size = cfg.quota_backend_bytes.saturating_mul(2).max(64 << 20);
     let backend = Backend::open(&cfg.db_path(), map_size as usize).map_err(|e| e.to_string())?;
-    let (applied_index, applied_term, conf_state) = {
+    let identity = load_identity(&backend)?;
+    let (member_id, cluster_id) = match identity {
+        Some(ids) => {
+            // A data dir that holds a member ignores the --initial-* flags, as etcd.
+            ids
+        }
+        None => bootstrap(cfg, &backend)?,
+    };
+    let (applied_index, applied_term, conf_state, members) = {
         let txn = backend.read_txn().map_err(|e| e.to_string())?;
         let idx = backend
             .get_u64(&txn, meta_key::APPLIED_INDEX)
@@ -63,16 +78,17 @@ fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
             .map_err(|e| e.to_string())?;
         let cs = match backend.meta.get(&txn, meta_key::CONF_STATE) {
             Ok(Some(b)) => {
-                Some(ConfState::parse_from_bytes(b).map_err(|e| format!("meta conf state: {e}"))?)
+                ConfState::parse_from_bytes(b).map_err(|e| format!("meta conf state: {e}"))?
             }
-            Ok(None) => None,
+            Ok(None) => ConfState::default(),
             Err(e) => return Err(e.to_string()),
         };
-        (idx, term, cs)
-    };
-    let conf_state = match conf_state {
-        Some(cs) => cs,
-        None => bootstrap(&backend, member_id)?,
+        let members = crate::cluster::load_members(&backend, &txn).map_err(|e| e.to_string())?;
+        let removed = crate::cluster::load_removed(&backend, &txn).map_err(|e| e.to_string())?;
+        if removed.contains(&member_id) {
+            return Err("this member has been permanently removed from the cluster".into());
+        }
+        (idx, term, cs, members)
     };
     let mut recovered = wal::recover(&cfg.wal_path()).map_err(|e| e.to_string())?;
     if let Some(t) = recovered.truncated_at {
@@ -105,25 +121,137 @@ fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
         wal: recovered,
         applied_index,
         applied_term,
+        member_id,
+        cluster_id,
+        members,
     })
 }
 
-/// First start: a one-voter group of this member, made durable before anything else.
-fn bootstrap(backend: &Backend, member_id: u64) -> Result<ConfState, String> {
-    let cs = ConfState {
-        voters: vec![member_id],
-        ..Default::default()
+/// (member ID, cluster ID) of an existing data dir; None for a new one. Data dirs from
+/// before clustering (a conf state but no stored identity) are single-member clusters
+/// of the default derivation and get their identity recorded.
+fn load_identity(backend: &Backend) -> Result<Option<(u64, u64)>, String> {
+    let txn = backend.read_txn().map_err(|e| e.to_string())?;
+    let member_id = backend
+        .get_u64(&txn, meta_key::MEMBER_ID)
+        .map_err(|e| e.to_string())?;
+    let cluster_id = backend
+        .get_u64(&txn, meta_key::CLUSTER_ID)
+        .map_err(|e| e.to_string())?;
+    if member_id != 0 {
+        return Ok(Some((member_id, cluster_id)));
+    }
+    let legacy = backend
+        .meta
+        .get(&txn, meta_key::CONF_STATE)
+        .map_err(|e| e.to_string())?
+        .map(|b| ConfState::parse_from_bytes(b).map_err(|e| format!("meta conf state: {e}")))
+        .transpose()?;
+    drop(txn);
+    let Some(cs) = legacy else { return Ok(None) };
+    let [id] = cs.voters[..] else {
+        return Err("data dir has a conf state but no member identity".into());
     };
-    let bytes = cs.write_to_bytes().map_err(|e| e.to_string())?;
+    let cluster_id = crate::cluster::cluster_id(&[id]);
     let mut txn = backend.env.write_txn().map_err(|e| e.to_string())?;
     backend
-        .meta
-        .put(&mut txn, meta_key::CONF_STATE, &bytes)
+        .put_u64(&mut txn, meta_key::MEMBER_ID, id)
+        .and_then(|_| backend.put_u64(&mut txn, meta_key::CLUSTER_ID, cluster_id))
         .map_err(|e| e.to_string())?;
     txn.commit().map_err(|e| e.to_string())?;
-    backend.sync().map_err(|e| e.to_string())?;
-    tracing::info!(member = %format!("{member_id:x}"), "bootstrapped a new single-member cluster");
-    Ok(cs)
+    Ok(Some((id, cluster_id)))
+}
+
+/// First start. `new`: every member of --initial-cluster is a voter from index 1 (all
+/// members write the same state, so the group starts identical everywhere; the log
+/// starts after it, so a member added later always begins from a snapshot). `existing`:
+/// the membership is fetched from the peers; this member starts empty and is caught up
+/// by the leader. Made durable before anything else.
+fn bootstrap(cfg: &ServeConfig, backend: &Backend) -> Result<(u64, u64), String> {
+    let own_urls = cfg.advertise_peer_urls();
+    let spec = match &cfg.discovery_srv {
+        Some(domain) => crate::discovery::initial_cluster_from_srv(domain, &cfg.name, &own_urls)?,
+        None => cfg.initial_cluster_spec(),
+    };
+    let initial = crate::cluster::parse_initial_cluster(&spec, &cfg.initial_cluster_token)?;
+    let me = initial.iter().find(|m| m.name == cfg.name).ok_or_else(|| {
+        format!(
+            "couldn't find local name {:?} in the initial cluster configuration",
+            cfg.name
+        )
+    })?;
+    if !crate::cluster::same_urls(&me.peer_urls, &own_urls) {
+        return Err(format!(
+            "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
+            me.name,
+            me.peer_urls.join(","),
+            own_urls.join(",")
+        ));
+    }
+    let mut txn = backend.env.write_txn().map_err(|e| e.to_string())?;
+    let err = |e: crate::error::KvError| e.to_string();
+    let (member_id, cluster_id) = if cfg.initial_cluster_state == "existing" {
+        let peer_urls: Vec<String> = initial
+            .iter()
+            .filter(|m| m.name != cfg.name)
+            .flat_map(|m| m.peer_urls.clone())
+            .collect();
+        let (cluster_id, members) = crate::actors::peer::fetch_members(&peer_urls)?;
+        let me = members
+            .iter()
+            .find(|m| crate::cluster::same_urls(&m.peer_urls, &own_urls))
+            .ok_or_else(|| {
+                format!(
+                    "no member with peer URLs {} in cluster {cluster_id:x}; add it first (corekv member add {} --peer-urls={})",
+                    own_urls.join(","),
+                    cfg.name,
+                    own_urls.join(",")
+                )
+            })?;
+        let id = me.id;
+        crate::cluster::store_members(backend, &mut txn, &members).map_err(err)?;
+        let empty = ConfState::default()
+            .write_to_bytes()
+            .map_err(|e| e.to_string())?;
+        backend
+            .meta
+            .put(&mut txn, meta_key::CONF_STATE, &empty)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(member = %format!("{id:x}"), cluster = %format!("{cluster_id:x}"), "joining an existing cluster");
+        (id, cluster_id)
+    } else {
+        let ids: Vec<u64> = initial.iter().map(|m| m.id).collect();
+        let cluster_id = crate::cluster::cluster_id(&ids);
+        let cs = ConfState {
+            voters: ids,
+            ..Default::default()
+        };
+        let bytes = cs.write_to_bytes().map_err(|e| e.to_string())?;
+        backend
+            .meta
+            .put(&mut txn, meta_key::CONF_STATE, &bytes)
+            .map_err(|e| e.to_string())?;
+        let mut members = initial.clone();
+        for m in members.iter_mut() {
+            if m.id == me.id {
+                m.client_urls = crate::cluster::url_list(&cfg.advertise_client_urls);
+            }
+        }
+        crate::cluster::store_members(backend, &mut txn, &members).map_err(err)?;
+        backend
+            .put_u64(&mut txn, meta_key::APPLIED_INDEX, 1)
+            .and_then(|_| backend.put_u64(&mut txn, meta_key::APPLIED_TERM, 1))
+            .map_err(err)?;
+        tracing::info!(member = %format!("{:x}", me.id), cluster = %format!("{cluster_id:x}"), members = initial.len(), "bootstrapped a new cluster");
+        (me.id, cluster_id)
+    };
+    backend
+        .put_u64(&mut txn, meta_key::CLUSTER_ID, cluster_id)
+        .and_then(|_| backend.put_u64(&mut txn, meta_key::MEMBER_ID, member_id))
+        .map_err(err)?;
+    txn.commit().map_err(|e| e.to_string())?;
+    backend.sync().map_err(err)?;
+    Ok((member_id, cluster_id))
 }
 
 fn exit_fatal(msg: String) -> ! {
@@ -230,18 +358,33 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     raise_memlock();
     let addrs = parse_urls(&cfg.listen_native_urls)?;
     let client_addrs = parse_urls(&cfg.listen_client_urls)?;
+    let peer_addrs = parse_urls(&cfg.listen_peer_urls)?;
     let _lock = lock_data_dir(&cfg)?;
-    probe_listen(&[addrs.clone(), client_addrs.clone()].concat())?;
+    probe_listen(&[addrs.clone(), client_addrs.clone(), peer_addrs.clone()].concat())?;
     let rec = recover(&cfg)?;
     let shards = cfg.shards();
     let cpus = available_cpus();
-    let epoch = std::time::SystemTime::now()
+    let member_id = rec.member_id;
+    let cluster_id = rec.cluster_id;
+    // Unique per boot and per member: only the proposing member answers its requests.
+    let epoch = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ ((std::process::id() as u64) << 32)
+        ^ member_id.rotate_left(17))
         | 1; // never 0: epoch 0 marks the apply actor's own proposals
-    let member_id = cfg.member_id();
-    let cluster_id = cfg.cluster_id();
+    let bind_ip = peer_addrs.first().and_then(|a| {
+        a.parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|sa| sa.ip())
+            .filter(|ip| !ip.is_unspecified())
+    });
+    let peers: std::collections::HashMap<u64, Vec<String>> = rec
+        .members
+        .iter()
+        .filter(|m| m.id != member_id)
+        .map(|m| (m.id, m.peer_urls.clone()))
+        .collect();
     let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
     let mut mb = Mailboxes::new(shards);
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -286,7 +429,13 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     applied,
                     heartbeat_ms: cfg.heartbeat_interval,
                     election_ms: cfg.election_timeout,
+                    backend: rec.backend.clone(),
+                    snap_dir: cfg.snap_dir(),
+                    auto_promote_within: cfg.auto_promote_learners,
+                    snapshot_count: cfg.snapshot_count,
                 },
+                peers.clone(),
+                peer_addrs.clone(),
                 mb.net_to_raft
                     .iter_mut()
                     .map(|p| p.1.take().expect("rx"))
@@ -383,8 +532,41 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     })
                     .detach();
                 }
-                if let Some((setup, net_rxs, net_txs, wal_tx, wal_rx, apply_tx, apply_rx)) = raft {
+                if let Some((
+                    setup,
+                    peers,
+                    peer_addrs,
+                    net_rxs,
+                    net_txs,
+                    wal_tx,
+                    wal_rx,
+                    apply_tx,
+                    apply_rx,
+                )) = raft
+                {
                     glommio::spawn_local(async move {
+                        let (peer_tx, peer_rx) = futures::channel::mpsc::channel(PEER_INBOX);
+                        let (snap_tx, snap_rx) = futures::channel::mpsc::channel(4);
+                        let ctx = std::rc::Rc::new(crate::actors::peer::Ctx {
+                            cluster_id,
+                            member_id,
+                            backend: setup.backend.clone(),
+                            snap_dir: setup.snap_dir.clone(),
+                            peers: std::cell::RefCell::new(peers),
+                            bind_ip,
+                            to_raft: peer_tx,
+                            user_timeout_ms: (2 * setup.election_ms).max(1000) as u32,
+                        });
+                        let listen_ctx = ctx.clone();
+                        glommio::spawn_local(async move {
+                            if let Err(e) =
+                                crate::actors::peer::listen(listen_ctx, peer_addrs.clone()).await
+                            {
+                                exit_fatal(format!("listen on peer urls {peer_addrs:?}: {e}"));
+                            }
+                        })
+                        .detach();
+                        let transport = crate::actors::peer::Transport::new(ctx);
                         let (net_rxs, net_txs, wal_tx, wal_rx, apply_tx, apply_rx) = futures::join!(
                             join_all(net_rxs.into_iter().map(|r| connect_rx(r, RaftInput::Net))),
                             join_all(net_txs.into_iter().map(|t| t.connect())),
@@ -396,8 +578,10 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                         let mut inputs = futures::stream::select_all(net_rxs);
                         inputs.push(wal_rx);
                         inputs.push(apply_rx);
+                        inputs.push(Box::pin(futures::StreamExt::map(peer_rx, RaftInput::Peer)));
+                        inputs.push(Box::pin(snap_rx));
                         inputs.push(RaftActor::ticker(heartbeat_ms));
-                        match RaftActor::new(setup, wal_tx, apply_tx, net_txs) {
+                        match RaftActor::new(setup, wal_tx, apply_tx, net_txs, transport, snap_tx) {
                             Ok(actor) => actor.run(inputs).await,
                             Err(e) => exit_fatal(format!("raft: {e}")),
                         }

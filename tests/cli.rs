@@ -228,6 +228,10 @@ fn env_vars_configure_the_server_and_flags_win() {
             "ETCD_LISTEN_CLIENT_URLS",
             format!("127.0.0.1:{}", free_port()),
         )
+        .env(
+            "ETCD_LISTEN_PEER_URLS",
+            format!("http://127.0.0.1:{}", free_port()),
+        )
         .env("ETCD_SNAPSHOT_COUNT", "not-a-number-but-overridden")
         .args(["--snapshot-count", "100", "--wal-segment-bytes", "1048576"])
         .stderr(std::process::Stdio::null())

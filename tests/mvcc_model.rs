@@ -157,7 +157,9 @@ impl Model {
                 }
                 self.compacted = c.revision;
             }
-            WriteRequest::Alarm(_) | WriteRequest::LeaseCheckpoint(_) => {}
+            WriteRequest::Alarm(_)
+            | WriteRequest::LeaseCheckpoint(_)
+            | WriteRequest::PublishMember { .. } => {}
         }
         Ok(())
     }

@@ -115,11 +115,29 @@ impl ApplyActor {
     pub async fn run(mut self, mut inbox: futures::stream::SelectAll<BoxStream<ApplyInput>>) {
         while let Some(first) = inbox.next().await {
             let mut entries = Vec::new();
+            let mut confs = HashMap::new();
+            let mut install = None;
             let mut msg = Some(first);
             let mut taken = 0;
             while let Some(m) = msg.take() {
                 match m {
-                    ApplyInput::Raft(ToApply::Committed(es)) => entries.extend(es),
+                    ApplyInput::Raft(ToApply::Committed {
+                        entries: es,
+                        conf_states,
+                    }) => {
+                        entries.extend(es);
+                        confs.extend(conf_states);
+                    }
+                    ApplyInput::Raft(ToApply::InstallSnapshot {
+                        path,
+                        index,
+                        term,
+                        done,
+                    }) => {
+                        // Applied after the entries gathered before it; nothing after.
+                        install = Some((path, index, term, done));
+                        break;
+                    }
                     ApplyInput::Raft(ToApply::ReadBarrier { index, ids }) => {
                         self.waiting_reads.push((index, ids))
                     }
@@ -135,7 +153,7 @@ impl ApplyActor {
                 }
             }
             if !entries.is_empty() {
-                let (replies, batch) = self.apply(entries);
+                let (replies, batch) = self.apply(entries, &confs);
                 // Watchers first: a client that sees its write acknowledged and then
                 // starts a watch must not receive the write twice or not at all (the hub
                 // orders registrations after the batches it has seen).
@@ -143,16 +161,74 @@ impl ApplyActor {
                     self.send_events(batch).await;
                 }
                 self.send_replies(replies).await;
+                let _ = self
+                    .to_raft
+                    .try_send(ApplyToRaft::Applied(self.applied_index));
+            }
+            if let Some((path, index, term, done)) = install {
+                let result = self.install_snapshot(path, index, term).await;
+                let _ = done.send(result);
             }
             self.release_reads().await;
             self.maybe_checkpoint();
         }
     }
 
+    /// Replaces the state with a leader's snapshot (on the blocking pool: it rewrites the
+    /// whole database), then lets watchers catch up from the store and reloads leases.
+    async fn install_snapshot(
+        &mut self,
+        path: std::path::PathBuf,
+        index: u64,
+        term: u64,
+    ) -> Result<(), String> {
+        let rev_before = self
+            .backend
+            .read_txn()
+            .and_then(|t| crate::storage::mvcc::current_revision(&self.backend, &t))
+            .map_err(|e| e.to_string())?;
+        let backend = self.backend.clone();
+        let (got_index, got_term) = glommio::executor()
+            .spawn_blocking(move || crate::storage::snapshot::install(&backend, &path))
+            .await?;
+        if (got_index, got_term) != (index, term) {
+            return Err(format!(
+                "snapshot holds index {got_index} term {got_term}, raft said {index} {term}"
+            ));
+        }
+        self.applied_index = index;
+        self.applied_term = term;
+        self.last_checkpoint = index;
+        let txn = self.backend.read_txn().map_err(|e| e.to_string())?;
+        let rev_after = crate::storage::mvcc::current_revision(&self.backend, &txn)
+            .map_err(|e| e.to_string())?;
+        let stored =
+            crate::storage::mvcc::leases(&self.backend, &txn).map_err(|e| e.to_string())?;
+        drop(txn);
+        let leading = self.lessor.is_leader();
+        self.lessor = Lessor::new(stored, Instant::now());
+        self.lessor.set_leader(leading, Instant::now());
+        tracing::info!(index, revision = rev_after, "snapshot installed");
+        if rev_after > rev_before {
+            // No events at hand: the hubs read the revisions from the store.
+            self.send_events(Arc::new(WatchBatch {
+                from_rev: rev_before + 1,
+                to_rev: rev_after,
+                events: None,
+            }))
+            .await;
+        }
+        let _ = self
+            .to_raft
+            .try_send(ApplyToRaft::Checkpointed { index, term });
+        Ok(())
+    }
+
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
         entries: Vec<::raft::eraftpb::Entry>,
+        confs: &HashMap<u64, Option<::raft::eraftpb::ConfState>>,
     ) -> (
         Vec<(ReqId, Header, Result<WriteResponse, KvError>)>,
         Option<Arc<WatchBatch>>,
@@ -175,8 +251,23 @@ impl ApplyActor {
             }
             assert_eq!(e.index, last.0 + 1, "entries apply in order");
             last = (e.index, e.term);
-            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-                continue; // leader no-op; conf changes arrive with the cluster issue
+            if e.get_entry_type() != EntryType::EntryNormal {
+                let result = self.apply_member_change(&mut applier, &e, confs.get(&e.index));
+                if let Ok(ProposalRef { epoch, id }) = postcard::from_bytes(&e.context) {
+                    if epoch == self.epoch {
+                        let header = Header {
+                            cluster_id: self.cluster_id,
+                            member_id: self.member_id,
+                            revision: applier.revision(),
+                            raft_term: e.term,
+                        };
+                        replies.push((id, header, result));
+                    }
+                }
+                continue;
+            }
+            if e.data.is_empty() {
+                continue; // a new leader's no-op
             }
             let proposal: Proposal = match postcard::from_bytes(&e.data) {
                 Ok(p) => p,
@@ -208,9 +299,17 @@ impl ApplyActor {
             }
         }
         let rev_after = applier.revision();
+        let removed_self = applier.member_removed(self.member_id).unwrap_or(false);
         let events = applier.take_events();
         let lease_changes = applier.take_lease_changes();
         applier.finish(last.0, last.1).unwrap_or_else(|e| fatal(e));
+        if removed_self {
+            let msg = "this member has been permanently removed from the cluster";
+            let _ = self.backend.sync();
+            tracing::warn!("{msg}; stopping");
+            eprintln!("corekv: {msg}");
+            std::process::exit(1);
+        }
         self.applied_index = last.0;
         self.applied_term = last.1;
         let now = Instant::now();
@@ -226,6 +325,44 @@ impl ApplyActor {
             })
         });
         (replies, batch)
+    }
+
+    /// Stores a membership change with the configuration raft computed for it.
+    fn apply_member_change(
+        &self,
+        applier: &mut Applier,
+        e: &::raft::eraftpb::Entry,
+        conf: Option<&Option<::raft::eraftpb::ConfState>>,
+    ) -> Result<WriteResponse, KvError> {
+        use ::raft::eraftpb::{ConfChange, ConfChangeV2};
+        use protobuf::Message as _;
+        let context = match e.get_entry_type() {
+            EntryType::EntryConfChangeV2 => {
+                ConfChangeV2::parse_from_bytes(&e.data).map(|cc| cc.get_context().to_vec())
+            }
+            _ => ConfChange::parse_from_bytes(&e.data).map(|cc| cc.get_context().to_vec()),
+        };
+        let change = context
+            .ok()
+            .and_then(|c| postcard::from_bytes::<crate::cluster::MemberChange>(&c).ok());
+        let cs_bytes = match conf {
+            Some(Some(cs)) => Some(
+                cs.write_to_bytes()
+                    .map_err(|e| KvError::Internal(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        let refused = cs_bytes.is_none();
+        let members = applier.member_change(change.as_ref(), cs_bytes.as_deref());
+        if applier.poisoned() {
+            fatal(format!("backend write failed at index {}", e.index));
+        }
+        if refused {
+            return Err(KvError::Internal(
+                "membership change refused by raft".into(),
+            ));
+        }
+        members.map(WriteResponse::Members)
     }
 
     /// Every shard's watch hub sees every batch, in order.

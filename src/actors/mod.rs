@@ -6,7 +6,9 @@
 pub mod apply;
 pub mod bridge;
 pub mod lessor;
+pub mod membership;
 pub mod network;
+pub mod peer;
 pub mod raft;
 pub mod recipes;
 pub mod wal;
@@ -38,9 +40,34 @@ pub struct Proposal {
 
 /// network -> raft
 pub enum ToRaft {
-    Propose { id: ReqId, data: Vec<u8> },
-    ReadIndex { id: ReqId },
-    Status { id: ReqId },
+    Propose {
+        id: ReqId,
+        data: Vec<u8>,
+    },
+    ReadIndex {
+        id: ReqId,
+    },
+    Status {
+        id: ReqId,
+    },
+    /// A membership change; `context` (postcard `ProposalRef`) names the requester.
+    ConfChange {
+        id: ReqId,
+        context: Vec<u8>,
+        cc: ::raft::eraftpb::ConfChangeV2,
+    },
+    /// Leader only; answered with a Status once `to` leads.
+    TransferLeader {
+        id: ReqId,
+        to: u64,
+    },
+}
+
+/// Who waits for a conf change entry (its raft entry context).
+#[derive(Serialize, Deserialize)]
+pub struct ProposalRef {
+    pub epoch: u64,
+    pub id: ReqId,
 }
 
 /// raft -> wal
@@ -49,6 +76,8 @@ pub enum ToWal {
         number: u64,
         entries: Vec<Entry>,
         hard_state: Option<HardState>,
+        /// A snapshot (index, term) installed in LMDB by this ready.
+        snapshot: Option<(u64, u64)>,
     },
     /// Segments whose entries are all <= index may go (they are in a synced checkpoint).
     Release { index: u64 },
@@ -62,12 +91,21 @@ pub struct Persisted {
 
 /// raft -> apply
 pub enum ToApply {
-    Committed(Vec<Entry>),
-    /// Answer these linearizable reads once `index` is applied.
-    ReadBarrier {
-        index: u64,
-        ids: Vec<ReqId>,
+    Committed {
+        entries: Vec<Entry>,
+        /// The configuration after each conf change entry among `entries` (None when
+        /// raft refused the change: then the membership stays as it was).
+        conf_states: Vec<(u64, Option<::raft::eraftpb::ConfState>)>,
     },
+    /// Replace the state with a snapshot from the leader, sync, then answer.
+    InstallSnapshot {
+        path: std::path::PathBuf,
+        index: u64,
+        term: u64,
+        done: futures::channel::oneshot::Sender<Result<(), String>>,
+    },
+    /// Answer these linearizable reads once `index` is applied.
+    ReadBarrier { index: u64, ids: Vec<ReqId> },
     /// This member became (true) or stopped being (false) the leader.
     Leader(bool),
 }
@@ -100,6 +138,8 @@ pub enum ApplyToRaft {
     Checkpointed { index: u64, term: u64 },
     /// An entry the apply actor proposes itself (lease revokes and checkpoints).
     Propose(Vec<u8>),
+    /// Entries up to here are applied (best effort: a lost one is covered by the next).
+    Applied(u64),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -109,6 +149,7 @@ pub struct RaftStatus {
     pub last_index: u64,
     pub commit: u64,
     pub wal: WalStats,
+    pub is_learner: bool,
 }
 
 /// raft/apply -> network

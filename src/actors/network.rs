@@ -49,9 +49,9 @@ pub struct NetSettings {
 
 pub struct Shard {
     shard: usize,
-    epoch: u64,
-    backend: Backend,
-    settings: NetSettings,
+    pub(super) epoch: u64,
+    pub(super) backend: Backend,
+    pub(super) settings: NetSettings,
     to_raft: ConnectedSender<ToRaft>,
     to_apply: ConnectedSender<ToLessor>,
     pending: RefCell<HashMap<ReqId, oneshot::Sender<Reply>>>,
@@ -217,13 +217,13 @@ impl Shard {
         }
     }
 
-    fn next_id(&self) -> ReqId {
+    pub(super) fn next_id(&self) -> ReqId {
         let seq = self.next_seq.get();
         self.next_seq.set((seq + 1) & ((1 << 48) - 1));
         ((self.shard as u64) << 48) | seq
     }
 
-    async fn call(&self, id: ReqId, msg: ToRaft) -> Result<Reply, KvError> {
+    pub(super) async fn call(&self, id: ReqId, msg: ToRaft) -> Result<Reply, KvError> {
         let (tx, rx) = oneshot::channel();
         self.pending.borrow_mut().insert(id, tx);
         if self.to_raft.send(msg).await.is_err() {
@@ -268,7 +268,7 @@ impl Shard {
         Ok(())
     }
 
-    fn header(&self, revision: i64) -> Header {
+    pub(super) fn header(&self, revision: i64) -> Header {
         Header {
             cluster_id: self.settings.cluster_id,
             member_id: self.settings.member_id,
@@ -467,7 +467,7 @@ impl Shard {
             raft_term: rs.term,
             raft_applied_index: applied,
             errors,
-            is_learner: false,
+            is_learner: rs.is_learner,
             wal: rs.wal,
         };
         Ok((self.header(rev), status))

@@ -3,18 +3,27 @@
 //! then handle the Ready with async persistence: entries go to the WAL actor, and only
 //! once it reports them fdatasync'ed (`on_persist_ready`) can they commit and be applied.
 
+use super::peer::{PeerEvent, Transport};
 use super::*;
+use crate::cluster::MemberChange;
+use crate::storage::backend::Backend;
 use crate::storage::raft_log::RaftLog;
-use ::raft::{Config, RawNode, StateRole};
+use ::raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, Snapshot, SnapshotMetadata};
+use ::raft::{Config, RawNode, SnapshotStatus, StateRole};
 use futures::{FutureExt, StreamExt};
 use glommio::channels::shared_channel::ConnectedSender;
-use std::collections::HashMap;
+use protobuf::Message as _;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub enum RaftInput {
     Net(ToRaft),
     Persisted(Persisted),
     Apply(ApplyToRaft),
+    Peer(PeerEvent),
+    /// A snapshot file for followers is ready (or could not be made).
+    SnapshotMade(Result<(SnapshotMetadata, PathBuf), String>),
     Tick,
 }
 
@@ -26,8 +35,22 @@ const READ_RETRY_TICKS: u64 = 2;
 /// ... and fails with a timeout after this many.
 const READ_TIMEOUT_TICKS: u64 = 50;
 
+/// Entries kept in memory below a checkpoint, so a follower that was briefly away
+/// catches up from the log instead of a snapshot (etcd keeps 5000; fewer when
+/// --snapshot-count is smaller, so a follower further behind than that gets a snapshot).
+const MAX_CATCH_UP_ENTRIES: u64 = 5000;
+
 pub struct RaftActor {
     node: RawNode<RaftLog>,
+    transport: Transport,
+    /// Messages raft-rs allows out only once their ready is fdatasync'ed.
+    persisted_msgs: VecDeque<(u64, Vec<Message>)>,
+    backend: Backend,
+    snap_dir: PathBuf,
+    snapshot_running: bool,
+    snapshot_tx: futures::channel::mpsc::Sender<RaftInput>,
+    auto_promote_within: u64,
+    catch_up_entries: u64,
     to_wal: ConnectedSender<ToWal>,
     to_apply: ConnectedSender<ToApply>,
     to_net: Vec<ConnectedSender<ToNet>>,
@@ -45,6 +68,8 @@ pub struct RaftActor {
     leader: u64,
     leading: bool,
     wal_stats: crate::model::WalStats,
+    /// Leader transfers in progress: (request, target, tick started).
+    transfers: Vec<(ReqId, u64, u64)>,
 }
 
 pub struct RaftSetup {
@@ -53,6 +78,11 @@ pub struct RaftSetup {
     pub applied: u64,
     pub heartbeat_ms: u64,
     pub election_ms: u64,
+    pub backend: Backend,
+    pub snap_dir: PathBuf,
+    /// Promote learners within this many entries of the leader (0 = never).
+    pub auto_promote_within: u64,
+    pub snapshot_count: u64,
 }
 
 impl RaftActor {
@@ -61,6 +91,8 @@ impl RaftActor {
         to_wal: ConnectedSender<ToWal>,
         to_apply: ConnectedSender<ToApply>,
         to_net: Vec<ConnectedSender<ToNet>>,
+        transport: Transport,
+        snapshot_tx: futures::channel::mpsc::Sender<RaftInput>,
     ) -> Result<RaftActor, ::raft::Error> {
         let cfg = Config {
             id: setup.id,
@@ -90,6 +122,14 @@ impl RaftActor {
         }
         Ok(RaftActor {
             node,
+            transport,
+            persisted_msgs: VecDeque::new(),
+            backend: setup.backend,
+            snap_dir: setup.snap_dir,
+            snapshot_running: false,
+            snapshot_tx,
+            auto_promote_within: setup.auto_promote_within,
+            catch_up_entries: setup.snapshot_count.min(MAX_CATCH_UP_ENTRIES),
             to_wal,
             to_apply,
             to_net,
@@ -104,6 +144,7 @@ impl RaftActor {
             leader: 0,
             leading: false,
             wal_stats: Default::default(),
+            transfers: Vec::new(),
         })
     }
 
@@ -125,7 +166,36 @@ impl RaftActor {
             }
             self.issue_reads();
             self.on_ready().await;
+            self.maybe_make_snapshot();
         }
+    }
+
+    /// raft-rs asked for a snapshot (a follower is behind the log): copy LMDB on the
+    /// blocking pool; raft-rs retries sending until the copy is prepared.
+    fn maybe_make_snapshot(&mut self) {
+        if self.snapshot_running || !self.node.store().snapshot_wanted() {
+            return;
+        }
+        self.snapshot_running = true;
+        let backend = self.backend.clone();
+        let dir = self.snap_dir.clone();
+        let mut tx = self.snapshot_tx.clone();
+        glommio::spawn_local(async move {
+            let made = glommio::executor()
+                .spawn_blocking(move || crate::storage::snapshot::create(&backend, &dir))
+                .await;
+            let _ = futures::SinkExt::send(&mut tx, RaftInput::SnapshotMade(made)).await;
+        })
+        .detach();
+    }
+
+    fn is_learner(&self) -> bool {
+        self.node
+            .raft
+            .prs()
+            .conf()
+            .learners()
+            .contains(&self.node.raft.id)
     }
 
     async fn reply(&self, ids: Vec<ReqId>, err: KvError) {
@@ -143,10 +213,57 @@ impl RaftActor {
     async fn handle(&mut self, input: RaftInput) {
         match input {
             RaftInput::Net(ToRaft::Propose { id, data }) => {
+                // A follower forwards to the leader (raft-rs); with no leader known the
+                // proposal is dropped and the client told so at once.
                 if let Err(e) = self.node.propose(Vec::new(), data) {
                     tracing::debug!("propose dropped: {e}");
-                    self.reply(vec![id], KvError::Internal("no leader".into()))
+                    self.reply(vec![id], KvError::NoLeader).await;
+                }
+            }
+            RaftInput::Net(ToRaft::ConfChange { id, context, cc }) => {
+                if let Err(e) = self.check_conf_change(&cc) {
+                    self.reply(vec![id], e).await;
+                } else if let Err(e) = self.node.propose_conf_change(context, cc) {
+                    tracing::debug!("conf change dropped: {e}");
+                    self.reply(vec![id], KvError::NoLeader).await;
+                }
+            }
+            RaftInput::Net(ToRaft::TransferLeader { id, to }) => {
+                if !self.leading {
+                    self.reply(vec![id], KvError::NotLeader).await;
+                } else if !self.node.raft.prs().conf().voters().contains(to) {
+                    self.reply(vec![id], KvError::Internal("bad leader transferee".into()))
                         .await;
+                } else {
+                    self.node.transfer_leader(to);
+                    self.transfers.push((id, to, self.ticks));
+                }
+            }
+            RaftInput::Peer(PeerEvent::Message(m)) => {
+                if let Err(e) = self.node.step(*m) {
+                    tracing::debug!("step: {e}");
+                }
+            }
+            RaftInput::Peer(PeerEvent::Unreachable(to)) => self.node.report_unreachable(to),
+            RaftInput::Peer(PeerEvent::SnapshotSent { to, ok }) => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, status);
+            }
+            RaftInput::SnapshotMade(made) => {
+                self.snapshot_running = false;
+                match made {
+                    Ok((meta, path)) => {
+                        tracing::info!(index = meta.index, "snapshot prepared for followers");
+                        let mut snap = Snapshot::default();
+                        snap.set_metadata(meta);
+                        snap.set_data(path.to_string_lossy().as_bytes().to_vec().into());
+                        self.node.mut_store().set_prepared_snapshot(snap);
+                    }
+                    Err(e) => tracing::warn!("making a snapshot: {e}"),
                 }
             }
             RaftInput::Net(ToRaft::ReadIndex { id }) => self.new_reads.push(id),
@@ -157,6 +274,7 @@ impl RaftActor {
                     last_index: self.node.raft.raft_log.last_index(),
                     commit: self.node.raft.raft_log.committed,
                     wal: self.wal_stats,
+                    is_learner: self.is_learner(),
                 };
                 if let Some(tx) = self.to_net.get(shard_of(id)) {
                     let _ = tx.send(ToNet::Status(id, st)).await;
@@ -170,9 +288,12 @@ impl RaftActor {
                 self.wal_stats = p.stats;
                 self.last_persisted_ready = p.number;
                 self.node.on_persist_ready(p.number);
+                let mut upto = p.number;
                 if p.number == self.last_sent_ready && self.empty_ready > p.number {
                     self.node.on_persist_ready(self.empty_ready);
+                    upto = self.empty_ready;
                 }
+                self.send_persisted_msgs(upto);
             }
             RaftInput::Apply(ApplyToRaft::Propose(data)) => {
                 // Lease revokes and checkpoints: meaningless off the leader, retried by
@@ -181,17 +302,206 @@ impl RaftActor {
                     tracing::debug!("internal proposal dropped: {e}");
                 }
             }
-            RaftInput::Apply(ApplyToRaft::Checkpointed { index, term }) => {
-                self.node.mut_store().compact(index, term);
-                self.node.advance_apply_to(index);
+            RaftInput::Apply(ApplyToRaft::Applied(index)) => self.advance_applied(index),
+            RaftInput::Apply(ApplyToRaft::Checkpointed { index, term: _ }) => {
+                self.advance_applied(index);
+                self.node
+                    .mut_store()
+                    .compact(index.saturating_sub(self.catch_up_entries));
                 let _ = self.to_wal.send(ToWal::Release { index }).await;
             }
             RaftInput::Tick => {
                 self.ticks += 1;
                 self.node.tick();
                 self.retry_reads().await;
+                self.check_transfers().await;
+                if self.leading && self.auto_promote_within > 0 && self.ticks.is_multiple_of(10) {
+                    self.auto_promote();
+                }
             }
         }
+    }
+
+    /// Tells raft-rs how far the state machine got (it refuses a second membership change,
+    /// or to campaign, while a conf change lies between applied and committed). raft-rs
+    /// wants applied <= persisted: an installed snapshot is applied before its WAL
+    /// marker is durable, so clamp.
+    fn advance_applied(&mut self, index: u64) {
+        let log = &self.node.raft.raft_log;
+        let to = index.min(log.persisted).min(log.committed);
+        if to > log.applied {
+            self.node.advance_apply_to(to);
+        }
+    }
+
+    /// Sends the messages of every ready up to `number` (now durable).
+    fn send_persisted_msgs(&mut self, number: u64) {
+        while self
+            .persisted_msgs
+            .front()
+            .is_some_and(|(n, _)| *n <= number)
+        {
+            if let Some((_, msgs)) = self.persisted_msgs.pop_front() {
+                self.transport.send(msgs);
+            }
+        }
+    }
+
+    /// etcd's checks before a membership change is proposed.
+    fn check_conf_change(&self, cc: &ConfChangeV2) -> Result<(), KvError> {
+        use ::raft::eraftpb::ConfChangeType;
+        let conf = self.node.raft.prs().conf();
+        for c in cc.get_changes() {
+            let id = c.node_id;
+            let known = conf.voters().contains(id) || conf.learners().contains(&id);
+            match c.get_change_type() {
+                ConfChangeType::AddNode if conf.learners().contains(&id) => {
+                    // Promotion: only a learner in sync with the leader (etcd: match
+                    // index at least 90% of the leader's commit).
+                    if !self.leading {
+                        return Err(KvError::NotLeader);
+                    }
+                    let committed = self.node.raft.raft_log.committed;
+                    let matched = self.node.raft.prs().get(id).map_or(0, |p| p.matched);
+                    if (matched as f64) < committed as f64 * 0.9 {
+                        return Err(KvError::LearnerNotReady);
+                    }
+                }
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if known => {
+                    return Err(KvError::MemberExists)
+                }
+                ConfChangeType::RemoveNode if !known => return Err(KvError::MemberNotFound),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Leader only: promotes learners whose log is within the configured bound.
+    fn auto_promote(&mut self) {
+        use ::raft::eraftpb::{ConfChangeSingle, ConfChangeType};
+        if self.node.raft.has_pending_conf() {
+            return;
+        }
+        let last = self.node.raft.raft_log.last_index();
+        let within = self.auto_promote_within;
+        let ready: Vec<u64> = self
+            .node
+            .raft
+            .prs()
+            .conf()
+            .learners()
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.node
+                    .raft
+                    .prs()
+                    .get(*id)
+                    .is_some_and(|p| p.matched + within >= last)
+            })
+            .collect();
+        if let Some(&id) = ready.first() {
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(ConfChangeType::AddNode);
+            single.node_id = id;
+            let mut cc = ConfChangeV2::default();
+            cc.set_changes(vec![single].into());
+            let change = postcard::to_allocvec(&MemberChange::Promote(id)).unwrap_or_default();
+            cc.set_context(change.into());
+            tracing::info!(learner = %format!("{id:x}"), "auto-promoting a caught-up learner");
+            if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
+                tracing::debug!("auto-promote dropped: {e}");
+            }
+        }
+    }
+
+    /// Leader transfers answer once the target leads, or time out.
+    async fn check_transfers(&mut self) {
+        if self.transfers.is_empty() {
+            return;
+        }
+        let now = self.ticks;
+        let timeout = self.node.raft.election_timeout() as u64 * 2;
+        let leader = self.leader;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.transfers)
+            .into_iter()
+            .partition(|(_, to, started)| *to == leader || now - started > timeout);
+        self.transfers = waiting;
+        for (id, to, _) in done {
+            if to == leader {
+                if let Some(tx) = self.to_net.get(shard_of(id)) {
+                    let st = RaftStatus {
+                        leader,
+                        term: self.node.raft.term,
+                        ..Default::default()
+                    };
+                    let _ = tx.send(ToNet::Status(id, st)).await;
+                }
+            } else {
+                self.reply(vec![id], KvError::LeaderTransferTimeout).await;
+            }
+        }
+    }
+
+    /// Applies committed membership changes to raft's configuration (raft-rs wants this
+    /// when the entry is applied; the apply actor stores the resulting ConfState with
+    /// the entry, so both agree at every index) and to the transport's peer list.
+    fn apply_conf_changes(
+        &mut self,
+        entries: &[::raft::eraftpb::Entry],
+    ) -> Vec<(u64, Option<::raft::eraftpb::ConfState>)> {
+        let mut out = Vec::new();
+        for e in entries {
+            // raft-rs takes either version; corekv proposes V2, V1 may come from old logs.
+            let applied = match e.get_entry_type() {
+                EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&e.data)
+                    .ok()
+                    .map(|cc| (self.node.apply_conf_change(&cc), cc.get_context().to_vec())),
+                EntryType::EntryConfChange => ConfChange::parse_from_bytes(&e.data)
+                    .ok()
+                    .map(|cc| (self.node.apply_conf_change(&cc), cc.get_context().to_vec())),
+                EntryType::EntryNormal => continue,
+            };
+            let Some((result, context)) = applied else {
+                tracing::error!(index = e.index, "undecodable conf change skipped");
+                out.push((e.index, None));
+                continue;
+            };
+            match result {
+                Ok(cs) => {
+                    if let Ok(change) = postcard::from_bytes::<MemberChange>(&context) {
+                        self.update_peers(&change);
+                    }
+                    tracing::info!(index = e.index, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                    out.push((e.index, Some(cs)));
+                }
+                Err(err) => {
+                    tracing::warn!(index = e.index, "conf change refused by raft: {err}");
+                    out.push((e.index, None));
+                }
+            }
+        }
+        out
+    }
+
+    fn update_peers(&mut self, change: &MemberChange) {
+        {
+            let mut peers = self.transport.ctx().peers.borrow_mut();
+            match change {
+                MemberChange::Add(m) => {
+                    peers.insert(m.id, m.peer_urls.clone());
+                }
+                MemberChange::Remove(id) => {
+                    peers.remove(id);
+                }
+                MemberChange::UpdatePeerUrls(id, urls) => {
+                    peers.insert(*id, urls.clone());
+                }
+                MemberChange::Promote(_) => {}
+            }
+        }
+        self.transport.sync_peers();
     }
 
     /// One read-index request covers every linearizable read that arrived this turn.
@@ -247,8 +557,18 @@ impl RaftActor {
                     }
                 }
             }
-            // A one-voter group sends no messages; peers arrive with the cluster issue.
-            debug_assert!(rd.messages().is_empty() && rd.persisted_messages().is_empty());
+            // The leader's appends and heartbeats may go before its own write is durable
+            // (raft's parallel append); everything else waits for the WAL.
+            let msgs = rd.take_messages();
+            if !msgs.is_empty() {
+                self.transport.send(msgs);
+            }
+            if !rd.snapshot().is_empty() {
+                let snap = rd.snapshot().clone();
+                if !self.install_snapshot(snap).await {
+                    return;
+                }
+            }
             for rs in rd.take_read_states() {
                 let mut ctx = [0u8; 8];
                 if rs.request_ctx.len() == 8 {
@@ -265,16 +585,22 @@ impl RaftActor {
                 }
             }
             let committed = rd.take_committed_entries();
-            if !committed.is_empty()
-                && self
-                    .to_apply
-                    .send(ToApply::Committed(committed))
-                    .await
-                    .is_err()
-            {
-                return;
+            if !committed.is_empty() {
+                let conf_states = self.apply_conf_changes(&committed);
+                let msg = ToApply::Committed {
+                    entries: committed,
+                    conf_states,
+                };
+                if self.to_apply.send(msg).await.is_err() {
+                    return;
+                }
             }
             let number = rd.number();
+            let persisted_msgs = rd.take_persisted_messages();
+            let snapshot_marker = (!rd.snapshot().is_empty()).then(|| {
+                let m = rd.snapshot().get_metadata();
+                (m.index, m.term)
+            });
             let entries = rd.take_entries();
             // raft-rs reads appended entries back from Storage once advance_append_async
             // moves them out of its unstable log; durability is tracked separately by
@@ -286,7 +612,7 @@ impl RaftActor {
             }
             // A commit-index-only change need not be synced (etcd's MustSync): it rides
             // along with the next write.
-            let needs_persist = !entries.is_empty() || rd.must_sync();
+            let needs_persist = !entries.is_empty() || rd.must_sync() || snapshot_marker.is_some();
             let hard_state = match rd.hs().cloned() {
                 Some(hs) if !needs_persist => {
                     self.pending_hs = Some(hs);
@@ -302,10 +628,14 @@ impl RaftActor {
             self.node.advance_append_async(rd);
             if needs_persist {
                 self.last_sent_ready = number;
+                if !persisted_msgs.is_empty() {
+                    self.persisted_msgs.push_back((number, persisted_msgs));
+                }
                 let msg = ToWal::Persist {
                     number,
                     entries,
                     hard_state,
+                    snapshot: snapshot_marker,
                 };
                 if self.to_wal.send(msg).await.is_err() {
                     return;
@@ -313,9 +643,62 @@ impl RaftActor {
             } else if self.last_sent_ready == self.last_persisted_ready {
                 // Nothing to write and nothing in flight: it is persisted already.
                 self.node.on_persist_ready(number);
+                self.transport.send(persisted_msgs);
             } else {
                 self.empty_ready = number;
+                if !persisted_msgs.is_empty() {
+                    self.persisted_msgs.push_back((number, persisted_msgs));
+                }
             }
         }
+    }
+
+    /// Installs a snapshot received from the leader: the apply actor replaces LMDB's
+    /// contents and syncs before the WAL records the marker, so a crash in between
+    /// leaves either the old state with its log or the new state (never a gap).
+    async fn install_snapshot(&mut self, snap: Snapshot) -> bool {
+        let meta = snap.get_metadata().clone();
+        let path = PathBuf::from(String::from_utf8_lossy(snap.get_data()).into_owned());
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "installing snapshot from the leader"
+        );
+        let (done_tx, done_rx) = futures::channel::oneshot::channel();
+        let msg = ToApply::InstallSnapshot {
+            path: path.clone(),
+            index: meta.index,
+            term: meta.term,
+            done: done_tx,
+        };
+        if self.to_apply.send(msg).await.is_err() {
+            return false;
+        }
+        match done_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("installing snapshot: {e}; stopping");
+                eprintln!("corekv: fatal: installing snapshot: {e}");
+                std::process::exit(2);
+            }
+            Err(_) => return false,
+        }
+        let _ = std::fs::remove_file(&path);
+        self.node.mut_store().apply_snapshot(&meta);
+        // The peer list follows the snapshot's membership.
+        let members = self
+            .backend
+            .read_txn()
+            .and_then(|txn| crate::cluster::load_members(&self.backend, &txn))
+            .unwrap_or_default();
+        {
+            let mut peers = self.transport.ctx().peers.borrow_mut();
+            peers.clear();
+            for m in members {
+                peers.insert(m.id, m.peer_urls);
+            }
+        }
+        self.transport.sync_peers();
+        true
     }
 }

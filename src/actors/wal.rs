@@ -218,6 +218,7 @@ impl WalActor {
                         number,
                         entries,
                         hard_state,
+                        snapshot,
                     } => {
                         let p = persisted.get_or_insert_with(|| Persisted {
                             number,
@@ -225,6 +226,9 @@ impl WalActor {
                         });
                         assert!(number >= p.number, "ready numbers must increase");
                         p.number = number;
+                        if let Some((index, term)) = snapshot {
+                            format::encode_snapshot_marker(&mut records, index, term);
+                        }
                         for e in &entries {
                             // Protobuf framing adds < 64 bytes to data + context.
                             let need = format::HEADER_BYTES + 64 + e.data.len() + e.context.len();

@@ -61,6 +61,7 @@ pub(crate) fn to_status(e: KvError) -> Status {
         Code::FailedPrecondition => tonic::Code::FailedPrecondition,
         Code::Unavailable => tonic::Code::Unavailable,
         Code::Internal => tonic::Code::Internal,
+        Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         Code::Unknown => tonic::Code::Unknown,
     };
     Status::new(code, e.to_string())

@@ -146,7 +146,8 @@ pub fn check_write(req: &WriteRequest, max_txn_ops: usize) -> Result<(), KvError
         | WriteRequest::Alarm(_)
         | WriteRequest::LeaseGrant { .. }
         | WriteRequest::LeaseRevoke { .. }
-        | WriteRequest::LeaseCheckpoint(_) => Ok(()),
+        | WriteRequest::LeaseCheckpoint(_)
+        | WriteRequest::PublishMember { .. } => Ok(()),
     }
 }
 

@@ -16,6 +16,13 @@ pub mod meta_key {
     pub const REVISION: &[u8] = b"revision";
     pub const COMPACTED: &[u8] = b"compacted";
     pub const ALARMS: &[u8] = b"alarms";
+    /// postcard Vec<cluster::Member> / Vec<u64> of removed member IDs.
+    pub const MEMBERS: &[u8] = b"members";
+    pub const REMOVED: &[u8] = b"removed";
+    pub const CLUSTER_ID: &[u8] = b"cluster_id";
+    /// Whose data dir this is: the one meta key that is not replicated (snapshots
+    /// neither carry nor overwrite it).
+    pub const MEMBER_ID: &[u8] = b"member_id";
 }
 
 #[derive(Clone)]
@@ -63,6 +70,17 @@ impl Backend {
             lease,
             lease_keys,
         })
+    }
+
+    /// Every database with a stable tag (the snapshot format names them by tag).
+    pub fn dbs(&self) -> [(u8, Db); 5] {
+        [
+            (1, self.kv),
+            (2, self.index),
+            (3, self.meta),
+            (4, self.lease),
+            (5, self.lease_keys),
+        ]
     }
 
     /// Bytes in use (pages up to the last one LMDB allocated): what the quota limits.

@@ -3,4 +3,5 @@
 pub mod backend;
 pub mod mvcc;
 pub mod raft_log;
+pub mod snapshot;
 pub mod wal;

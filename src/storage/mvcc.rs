@@ -531,6 +531,11 @@ impl<'e> Applier<'e> {
         Ok(r?)
     }
 
+    fn poison_kv<T>(&mut self, r: Result<T, KvError>) -> Result<T, KvError> {
+        self.poisoned |= r.is_err();
+        r
+    }
+
     pub fn revision(&self) -> i64 {
         self.revision
     }
@@ -601,7 +606,47 @@ impl<'e> Applier<'e> {
                 self.lease_checkpoint(cps)?;
                 WriteResponse::LeaseCheckpoint
             }
+            WriteRequest::PublishMember {
+                id,
+                name,
+                client_urls,
+            } => {
+                let mut members = crate::cluster::load_members(self.b, &self.txn)?;
+                if let Some(m) = members.iter_mut().find(|m| m.id == *id) {
+                    m.name = name.clone();
+                    m.client_urls = client_urls.clone();
+                }
+                let r = crate::cluster::store_members(self.b, &mut self.txn, &members);
+                self.poison_kv(r)?;
+                WriteResponse::Members(members)
+            }
         })
+    }
+
+    /// Whether `id` is among the removed members (as of this txn).
+    pub fn member_removed(&self, id: u64) -> Result<bool, KvError> {
+        Ok(crate::cluster::load_removed(self.b, &self.txn)?.contains(&id))
+    }
+
+    /// Records an applied membership change (None: raft refused it, nothing changes)
+    /// with the configuration raft computed; returns the membership after it.
+    pub fn member_change(
+        &mut self,
+        change: Option<&crate::cluster::MemberChange>,
+        conf_state: Option<&[u8]>,
+    ) -> Result<Vec<crate::cluster::Member>, KvError> {
+        let mut members = crate::cluster::load_members(self.b, &self.txn)?;
+        let (Some(change), Some(cs)) = (change, conf_state) else {
+            return Ok(members);
+        };
+        let mut removed = crate::cluster::load_removed(self.b, &self.txn)?;
+        crate::cluster::apply_change(&mut members, &mut removed, change);
+        let r = crate::cluster::store_members(self.b, &mut self.txn, &members)
+            .and_then(|_| crate::cluster::store_removed(self.b, &mut self.txn, &removed));
+        self.poison_kv(r)?;
+        let r = self.set_conf_state(cs);
+        self.poison_kv(r)?;
+        Ok(members)
     }
 
     fn lease_grant(&mut self, id: i64, ttl_secs: i64) -> Result<(), KvError> {

@@ -5,13 +5,17 @@
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
-#[derive(Default)]
 pub struct RaftLog {
     hard_state: HardState,
     /// Index/term/conf state of the last checkpoint: entries up to it live only in LMDB.
     snapshot_meta: SnapshotMetadata,
     /// Entries after `snapshot_meta.index`, contiguous.
     entries: Vec<Entry>,
+    /// The latest snapshot file made for followers (data = its path).
+    prepared: Option<Snapshot>,
+    /// Set when raft-rs asked for a snapshot newer than `prepared` (Storage::snapshot
+    /// takes &self).
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl RaftLog {
@@ -42,6 +46,8 @@ impl RaftLog {
             hard_state,
             snapshot_meta: meta,
             entries,
+            prepared: None,
+            snapshot_wanted: std::cell::Cell::new(false),
         }
     }
 
@@ -73,14 +79,41 @@ impl RaftLog {
     }
 
     /// Forgets entries up to `index` (they are in a synced LMDB checkpoint).
-    pub fn compact(&mut self, index: u64, term: u64) {
-        if index <= self.snapshot_meta.index {
+    pub fn compact(&mut self, index: u64) {
+        if index <= self.snapshot_meta.index || index > self.last_index_value() {
             return;
         }
+        let offset = self.snapshot_meta.index + 1;
+        let term = self.entries[(index - offset) as usize].term;
         let drop = self.entries.partition_point(|e| e.index <= index);
         self.entries.drain(..drop);
         self.snapshot_meta.index = index;
         self.snapshot_meta.term = term;
+        assert!(self.entries.first().is_none_or(|e| e.index == index + 1));
+    }
+
+    /// The log restarts after an installed snapshot.
+    pub fn apply_snapshot(&mut self, meta: &SnapshotMetadata) {
+        assert!(meta.index > 0, "empty snapshot");
+        self.entries.clear();
+        self.snapshot_meta = meta.clone();
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.hard_state.term = self.hard_state.term.max(meta.term);
+    }
+
+    /// A snapshot file made from LMDB, offered to raft-rs for lagging followers.
+    pub fn set_prepared_snapshot(&mut self, snap: Snapshot) {
+        self.prepared = Some(snap);
+        self.snapshot_wanted.set(false);
+    }
+
+    /// Whether raft-rs asked for a snapshot that is not prepared yet.
+    pub fn snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.get()
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        self.snapshot_meta.get_conf_state()
     }
 
     pub fn last_index_value(&self) -> u64 {
@@ -140,10 +173,20 @@ impl raft::Storage for RaftLog {
         Ok(self.last_index_value())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Single-node groups never send snapshots; the cluster issue streams LMDB copies.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // A snapshot must reach the log's first entry, or the follower would need
+        // another one right after installing it.
+        let floor = request_index.max(self.snapshot_meta.index);
+        match &self.prepared {
+            Some(s) if s.get_metadata().index >= floor => Ok(s.clone()),
+            _ => {
+                // The raft actor sees the flag and makes one off the executor; raft-rs
+                // asks again on its next attempt.
+                self.snapshot_wanted.set(true);
+                Err(raft::Error::Store(
+                    StorageError::SnapshotTemporarilyUnavailable,
+                ))
+            }
+        }
     }
 }

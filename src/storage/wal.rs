@@ -22,6 +22,8 @@ pub const MAX_RECORD_BYTES: usize = 64 << 20;
 pub enum RecordType {
     Entry = 1,
     HardState = 2,
+    /// A snapshot (index, term) was installed in LMDB: the log restarts after it.
+    Snapshot = 3,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,12 @@ pub fn encode_entry(out: &mut Vec<u8>, e: &Entry) {
 pub fn encode_hard_state(out: &mut Vec<u8>, hs: &HardState) {
     let bytes = hs.write_to_bytes().unwrap_or_default();
     encode_record(out, RecordType::HardState, &bytes);
+}
+
+pub fn encode_snapshot_marker(out: &mut Vec<u8>, index: u64, term: u64) {
+    let mut payload = index.to_le_bytes().to_vec();
+    payload.extend_from_slice(&term.to_le_bytes());
+    encode_record(out, RecordType::Snapshot, &payload);
 }
 
 pub enum Decoded<'a> {
@@ -173,6 +181,8 @@ pub struct Recovered {
     pub tail_offset: u64,
     /// Set when a torn final record was cut off (its offset).
     pub truncated_at: Option<u64>,
+    /// Index of the last installed snapshot marker.
+    pub snapshot_index: Option<u64>,
 }
 
 /// Reads every segment, checking every record's CRC (also of records already applied).
@@ -236,6 +246,13 @@ fn apply_record(
         k if k == RecordType::Entry as u8 => {
             let e = Entry::parse_from_bytes(payload).map_err(|e| corrupt(format!("entry: {e}")))?;
             let idx = e.index;
+            if let (None, Some(snap)) = (rec.entries.last(), rec.snapshot_index) {
+                if idx != snap + 1 {
+                    return Err(corrupt(format!(
+                        "entry {idx} follows snapshot {snap}: entries missing"
+                    )));
+                }
+            }
             if let Some(last) = rec.entries.last() {
                 if idx > last.index + 1 {
                     return Err(corrupt(format!(
@@ -253,6 +270,16 @@ fn apply_record(
             let hs = HardState::parse_from_bytes(payload)
                 .map_err(|e| corrupt(format!("hard state: {e}")))?;
             rec.hard_state = Some(hs);
+        }
+        k if k == RecordType::Snapshot as u8 => {
+            if payload.len() != 16 {
+                return Err(corrupt("snapshot marker: bad length".into()));
+            }
+            let index = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+            // Installed snapshots replace the whole log (raft restores only when the
+            // log does not match at the snapshot's index).
+            rec.entries.clear();
+            rec.snapshot_index = Some(index);
         }
         other => return Err(corrupt(format!("unknown record type {other}"))),
     }

@@ -35,6 +35,7 @@ pub struct Server {
     pub port: u16,
     /// etcd v3 gRPC port.
     pub grpc_port: u16,
+    pub peer_port: u16,
     pub extra: Vec<String>,
     pub log: PathBuf,
 }
@@ -47,6 +48,7 @@ impl Server {
             data_dir: data_dir.to_path_buf(),
             port: free_port(),
             grpc_port: free_port(),
+            peer_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: data_dir.with_extension("log"),
         };
@@ -74,6 +76,8 @@ impl Server {
             .arg(format!("http://127.0.0.1:{}", self.grpc_port))
             .arg("--advertise-client-urls")
             .arg(format!("http://127.0.0.1:{}", self.grpc_port))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
             .args(&self.extra);
         cmd
     }
@@ -188,3 +192,4 @@ pub const SMALL_WAL: [&str; 2] = ["--wal-segment-bytes", "1048576"];
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
 }
+pub mod cluster;

@@ -1,0 +1,273 @@
+//! Multi-member clusters: bootstrap, replication, leader failover under load, minority
+//! partitions (nftables between 127.0.0.N addresses), snapshot catch-up, refusal of a
+//! member from another cluster. Real processes, real sockets, SIGKILL.
+
+mod common;
+
+use common::cluster::{Cluster, Partition};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const ELECTION_MS: u64 = 1000;
+
+fn assert_on_all(c: &Cluster, members: &[usize], key: &str, value: &str) {
+    for &i in members {
+        let out = c.nodes[i].ok(&["get", key, "--print-value-only"]);
+        assert_eq!(out.trim(), value, "{} on {}", key, c.nodes[i].name);
+    }
+}
+
+fn replicate(n: usize, first_ip: u8) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), first_ip, n, &[]);
+    let leader = c.leader(Duration::from_secs(10)).expect("one leader");
+    // Every member takes writes (followers forward them) and serves linearizable reads.
+    for i in 0..n {
+        c.nodes[i].ok(&["put", &format!("from-{i}"), &format!("v{i}")]);
+    }
+    let all: Vec<usize> = (0..n).collect();
+    for i in 0..n {
+        assert_on_all(&c, &all, &format!("from-{i}"), &format!("v{i}"));
+    }
+    // Serializable reads are local: after a linearizable read they see the write too.
+    let ser =
+        c.nodes[(leader + 1) % n].ok(&["get", "from-0", "--consistency=s", "--print-value-only"]);
+    assert_eq!(ser.trim(), "v0");
+    // Every member reports the same leader and term.
+    let statuses: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| n.status().expect("status"))
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| s.1).count(), 1, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| s.2 == statuses[0].2),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn three_member_cluster_replicates() {
+    replicate(3, 21);
+}
+
+#[test]
+fn five_member_cluster_replicates() {
+    replicate(5, 31);
+}
+
+/// Writers put distinct keys through every member; returns the acknowledged ones.
+fn write_load(
+    endpoints: Vec<String>,
+    writers: usize,
+    stop: Arc<AtomicBool>,
+    max_ops: usize,
+) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+    (0..writers)
+        .map(|w| {
+            let endpoints = endpoints.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0..max_ops {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("w{w}-{i}");
+                    let ep = &endpoints[(w + i) % endpoints.len()];
+                    let out = std::process::Command::new(common::BIN)
+                        .args(["put", &key, "x", "--endpoints", ep])
+                        .output()
+                        .expect("corekv put");
+                    if out.status.success() {
+                        acked.push(key);
+                    }
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn leader_killed_under_load_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 41, 3, &[]);
+    let old = c.leader(Duration::from_secs(10)).expect("leader");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = write_load(c.endpoints(), 4, stop.clone(), 5000);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = Instant::now();
+    c.nodes[old].kill9();
+    let new = c.leader(Duration::from_secs(10)).expect("a new leader");
+    let failover = killed_at.elapsed();
+    assert_ne!(new, old);
+    eprintln!("failover: new leader after {} ms", failover.as_millis());
+    assert!(
+        failover < Duration::from_millis(2 * ELECTION_MS),
+        "new leader took {failover:?} (> 2x election timeout)"
+    );
+    // Writes resume on the survivors.
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<String> = writers
+        .into_iter()
+        .flat_map(|h| h.join().expect("writer"))
+        .collect();
+    let after_kill = c.nodes[new].ok(&["put", "after-kill", "yes"]);
+    assert!(after_kill.contains("OK"));
+    assert!(
+        acked.len() > 50,
+        "too few writes acknowledged: {}",
+        acked.len()
+    );
+    // The killed member comes back and catches up; every acknowledged write is
+    // everywhere.
+    c.nodes[old].start();
+    c.wait_ready(old);
+    let all: Vec<usize> = (0..3).collect();
+    for &i in &all {
+        c.nodes[i].ok(&["get", "barrier"]); // linearizable: applied up to the commit
+        let keys = c.nodes[i].ok(&["get", "w", "--prefix", "--keys-only", "--consistency=s"]);
+        let have: std::collections::HashSet<&str> =
+            keys.lines().filter(|l| !l.is_empty()).collect();
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|k| !have.contains(k.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} lacks {} acknowledged writes, e.g. {:?}",
+            c.nodes[i].name,
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    eprintln!(
+        "{} acknowledged writes present on all 3 members",
+        acked.len()
+    );
+}
+
+#[test]
+fn minority_partition_refuses_writes_and_reads_then_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 51, 3, &[]);
+    let old = c.leader(Duration::from_secs(10)).expect("leader");
+    c.nodes[old].ok(&["put", "before", "1"]);
+    // Cut the leader off: it is the minority.
+    let ips: Vec<String> = c.nodes.iter().map(|n| n.ip.clone()).collect();
+    let rest: Vec<&str> = ips
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != old)
+        .map(|(_, s)| s.as_str())
+        .collect();
+    let part = Partition::new("minority", &[ips[old].as_str()], &rest);
+    let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    // The majority elects a new leader and keeps serving.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        let leaders: Vec<usize> = majority
+            .iter()
+            .copied()
+            .filter(|&i| c.nodes[i].status().is_some_and(|s| s.1))
+            .collect();
+        if leaders.len() == 1 {
+            break leaders[0];
+        }
+        assert!(Instant::now() < deadline, "majority elected no leader");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    c.nodes[new].ok(&["put", "during", "2"]);
+    assert_on_all(&c, &majority, "during", "2");
+    // The minority accepts no write and serves no linearizable read (check_quorum makes
+    // the old leader step down; read-index needs a quorum).
+    let put = c.nodes[old].ctl(&["put", "minority", "x"]);
+    assert!(!put.status.success(), "minority accepted a write");
+    let get = c.nodes[old].ctl(&["get", "during"]);
+    assert!(
+        !get.status.success(),
+        "minority served a linearizable read: {}",
+        String::from_utf8_lossy(&get.stdout)
+    );
+    // Serializable reads stay local (and may be stale, as in etcd).
+    let stale = c.nodes[old].ok(&["get", "during", "--consistency=s", "--print-value-only"]);
+    assert_eq!(stale.trim(), "");
+    drop(part);
+    // Healed: the old leader is a follower of the new term and catches up.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = c.nodes[old].ctl(&["get", "during", "--print-value-only"]);
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old leader did not catch up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = c.nodes[old].status().expect("status");
+    assert!(!st.1, "the old leader must have stepped down");
+    assert_on_all(&c, &[0, 1, 2], "before", "1");
+    let minority_write = c.nodes[new].ok(&["get", "minority", "--print-value-only"]);
+    assert_eq!(minority_write.trim(), "", "a refused write appeared");
+}
+
+#[test]
+fn lagging_follower_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 61, 3, &["--snapshot-count", "50"]);
+    let leader = c.leader(Duration::from_secs(10)).expect("leader");
+    let lag = (leader + 1) % 3;
+    c.nodes[lag].kill9();
+    // Far more than --snapshot-count entries while it is down.
+    for i in 0..300 {
+        c.nodes[leader].ok(&["put", &format!("k{i:03}"), &format!("v{i}")]);
+    }
+    c.nodes[lag].start();
+    c.wait_ready(lag);
+    let keys = c.nodes[lag].ok(&["get", "k", "--prefix", "--keys-only", "--consistency=s"]);
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 300);
+    let log = c.nodes[lag].log_text();
+    assert!(
+        log.contains("snapshot installed"),
+        "no snapshot was installed:\n{log}"
+    );
+    // It keeps up afterwards, and a restart recovers from the snapshot plus its log.
+    c.nodes[leader].ok(&["put", "after", "snap"]);
+    assert_on_all(&c, &[lag], "after", "snap");
+    c.nodes[lag].kill9();
+    c.nodes[lag].start();
+    c.wait_ready(lag);
+    let v = c.nodes[lag].ok(&["get", "k299", "--consistency=s", "--print-value-only"]);
+    assert_eq!(v.trim(), "v299");
+}
+
+#[test]
+fn member_of_another_cluster_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 71, 3, &[]);
+    // n3 is wiped and restarted with another token: another cluster ID.
+    c.nodes[2].kill9();
+    std::fs::remove_dir_all(&c.nodes[2].data_dir).unwrap();
+    let token_flag = c.nodes[2]
+        .args
+        .iter()
+        .position(|a| a == "--initial-cluster-token")
+        .unwrap();
+    c.nodes[2].args[token_flag + 1] = "some-other-cluster".into();
+    c.nodes[2].start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.nodes[0].log_text().contains("cluster ID mismatch")
+        && !c.nodes[1].log_text().contains("cluster ID mismatch")
+    {
+        assert!(Instant::now() < deadline, "no member reported the mismatch");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.nodes[2].log_text().contains("cluster ID mismatch"));
+    // The cluster is unharmed and did not merge the stranger.
+    c.nodes[0].ok(&["put", "still", "serving"]);
+    assert_on_all(&c, &[0, 1], "still", "serving");
+    let foreign = c.nodes[2].ctl(&["get", "still", "--consistency=s", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&foreign.stdout).trim(), "");
+}
