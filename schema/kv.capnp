@@ -218,6 +218,15 @@ struct LeaderKey {
   lease @3 :Int64;
 }
 
+struct Member {
+  id @0 :UInt64;
+  name @1 :Text;            # empty until the member has started and published itself
+  peerUrls @2 :List(Text);
+  clientUrls @3 :List(Text);
+  isLearner @4 :Bool;
+  nativeUrls @5 :List(Text);
+}
+
 interface Kv {
   range @0 (req :RangeRequest) -> (resp :RangeResponse);
   put @1 (req :PutRequest) -> (resp :PutResponse);
@@ -245,4 +254,12 @@ interface Kv {
   leader @18 (name :Data) -> (header :ResponseHeader, kv :KeyValue);
   # Streams each new leader (and value change) to the sink as a one-event response.
   observe @19 (name :Data, sink :WatchSink) -> ();
+
+  # Membership (etcd's Cluster service) and leader transfer.
+  memberList @20 () -> (header :ResponseHeader, members :List(Member));
+  memberAdd @21 (peerUrls :List(Text), isLearner :Bool) -> (header :ResponseHeader, member :Member, members :List(Member));
+  memberRemove @22 (id :UInt64) -> (header :ResponseHeader, members :List(Member));
+  memberUpdate @23 (id :UInt64, peerUrls :List(Text)) -> (header :ResponseHeader, members :List(Member));
+  memberPromote @24 (id :UInt64) -> (header :ResponseHeader, members :List(Member));
+  moveLeader @25 (target :UInt64) -> (header :ResponseHeader);
 }

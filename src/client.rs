@@ -2,6 +2,7 @@
 //! whatever glommio executor the caller is on.
 
 use crate::api::native;
+use crate::cluster::Member;
 use crate::error::KvError;
 use crate::kv_capnp::kv;
 use crate::model::*;
@@ -279,6 +280,85 @@ impl Client {
         let r = resp.get().map_err(from_capnp)?;
         let kv = native::read_kv(r.get_kv().map_err(from_capnp)?).map_err(from_capnp)?;
         Ok((header_of(r.get_header())?, kv))
+    }
+
+    pub async fn member_list(&self) -> Result<(Header, Vec<Member>), KvError> {
+        let resp = self
+            .kv
+            .member_list_request()
+            .send()
+            .promise
+            .await
+            .map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let ms = native::read_members(r.get_members().map_err(from_capnp)?).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, ms))
+    }
+
+    pub async fn member_add(
+        &self,
+        peer_urls: &[String],
+        is_learner: bool,
+    ) -> Result<(Header, Member, Vec<Member>), KvError> {
+        let mut req = self.kv.member_add_request();
+        {
+            let mut p = req.get();
+            p.set_is_learner(is_learner);
+            let mut l = p.init_peer_urls(peer_urls.len() as u32);
+            for (i, u) in peer_urls.iter().enumerate() {
+                l.set(i as u32, u.as_str());
+            }
+        }
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let m = native::read_member(r.get_member().map_err(from_capnp)?).map_err(from_capnp)?;
+        let ms = native::read_members(r.get_members().map_err(from_capnp)?).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, m, ms))
+    }
+
+    pub async fn member_remove(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
+        let mut req = self.kv.member_remove_request();
+        req.get().set_id(id);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let ms = native::read_members(r.get_members().map_err(from_capnp)?).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, ms))
+    }
+
+    pub async fn member_update(
+        &self,
+        id: u64,
+        peer_urls: &[String],
+    ) -> Result<(Header, Vec<Member>), KvError> {
+        let mut req = self.kv.member_update_request();
+        {
+            let mut p = req.get();
+            p.set_id(id);
+            let mut l = p.init_peer_urls(peer_urls.len() as u32);
+            for (i, u) in peer_urls.iter().enumerate() {
+                l.set(i as u32, u.as_str());
+            }
+        }
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let ms = native::read_members(r.get_members().map_err(from_capnp)?).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, ms))
+    }
+
+    pub async fn member_promote(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
+        let mut req = self.kv.member_promote_request();
+        req.get().set_id(id);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        let ms = native::read_members(r.get_members().map_err(from_capnp)?).map_err(from_capnp)?;
+        Ok((header_of(r.get_header())?, ms))
+    }
+
+    pub async fn move_leader(&self, target: u64) -> Result<Header, KvError> {
+        let mut req = self.kv.move_leader_request();
+        req.get().set_target(target);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        header_of(resp.get().map_err(from_capnp)?.get_header())
     }
 
     /// Each leader of `name` (and each change of its value) as a one-event response.

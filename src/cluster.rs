@@ -17,6 +17,8 @@ pub struct Member {
     pub peer_urls: Vec<String>,
     pub client_urls: Vec<String>,
     pub is_learner: bool,
+    /// corekv's native capnp URLs (published with the client URLs; corekv's CLI uses them).
+    pub native_urls: Vec<String>,
 }
 
 /// etcd's member ID: sha1 over the sorted peer URLs, the cluster token and (for members

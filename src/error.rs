@@ -62,6 +62,8 @@ pub enum KvError {
     MemberNotFound,
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeaderTransferTimeout,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
     #[error("election: not leader")]
     ElectionNotLeader,
     #[error("election: no leader")]
@@ -87,9 +89,8 @@ impl KvError {
             | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             LeaseExist => Code::FailedPrecondition,
-            NotLeader | LearnerNotReady | MemberNotLearner | MemberExists | PeerUrlExists => {
-                Code::FailedPrecondition
-            }
+            NotLeader | LearnerNotReady | MemberNotLearner | MemberExists | PeerUrlExists
+            | BadLeaderTransferee => Code::FailedPrecondition,
             NoLeader => Code::Unavailable,
             MemberNotFound => Code::NotFound,
             LeaderTransferTimeout => Code::DeadlineExceeded,
@@ -127,6 +128,7 @@ impl KvError {
             PeerUrlExists,
             MemberNotFound,
             LeaderTransferTimeout,
+            BadLeaderTransferee,
             ElectionNotLeader,
             ElectionNoLeader,
             TooManyRequests,

@@ -58,6 +58,11 @@ enum Cmd {
         #[arg(long)]
         physical: bool,
     },
+    /// Membership related commands.
+    #[command(subcommand)]
+    Member(cli::member::MemberCmd),
+    /// Transfers leadership to another member (ID in hex).
+    MoveLeader { transferee: String },
     /// Endpoint related commands.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
@@ -152,9 +157,37 @@ fn main() {
         Cmd::Compact { revision, physical } => run(endpoints, move |c| async move {
             cli::compact(&c, format, revision, physical).await
         }),
-        Cmd::Endpoint(EndpointCmd::Status) => {
+        Cmd::Endpoint(EndpointCmd::Status { cluster }) => {
             let eps = endpoints.clone();
-            block_on(move || async move { cli::endpoint_status(&eps, format).await })
+            block_on(move || async move { cli::endpoint_status(&eps, format, cluster).await })
+                .unwrap_or_else(|e| Err(KvError::Client(e)))
+        }
+        Cmd::Endpoint(EndpointCmd::Health { cluster }) => {
+            let eps = endpoints.clone();
+            let checked = block_on(move || async move {
+                let list = if cluster {
+                    cli::member::cluster_endpoints(&eps).await?
+                } else {
+                    corekv::config::parse_urls(&eps).map_err(KvError::Client)?
+                };
+                Ok::<_, KvError>(cli::member::endpoint_health(&list).await)
+            })
+            .unwrap_or_else(|e| Err(KvError::Client(e)));
+            match checked {
+                Ok((out, true)) => Ok(out),
+                Ok((out, false)) => {
+                    eprint!("{out}");
+                    Err(KvError::Client("unhealthy cluster".into()))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Member(cmd) => run(endpoints, move |c| async move {
+            cli::member::run(&c, format, &cmd).await
+        }),
+        Cmd::MoveLeader { transferee } => {
+            let eps = endpoints.clone();
+            block_on(move || async move { cli::member::move_leader(&eps, &transferee).await })
                 .unwrap_or_else(|e| Err(KvError::Client(e)))
         }
         Cmd::Alarm(cmd) => run(endpoints, move |c| async move {

@@ -204,6 +204,7 @@ pub enum WriteRequest {
         id: u64,
         name: String,
         client_urls: Vec<String>,
+        native_urls: Vec<String>,
     },
 }
 

@@ -231,13 +231,8 @@ fn bootstrap(cfg: &ServeConfig, backend: &Backend) -> Result<(u64, u64), String>
             .meta
             .put(&mut txn, meta_key::CONF_STATE, &bytes)
             .map_err(|e| e.to_string())?;
-        let mut members = initial.clone();
-        for m in members.iter_mut() {
-            if m.id == me.id {
-                m.client_urls = crate::cluster::url_list(&cfg.advertise_client_urls);
-            }
-        }
-        crate::cluster::store_members(backend, &mut txn, &members).map_err(err)?;
+        // Identical on every member; client URLs arrive when each member publishes.
+        crate::cluster::store_members(backend, &mut txn, &initial).map_err(err)?;
         backend
             .put_u64(&mut txn, meta_key::APPLIED_INDEX, 1)
             .and_then(|_| backend.put_u64(&mut txn, meta_key::APPLIED_TERM, 1))
@@ -494,6 +489,11 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             None
         };
         let heartbeat_ms = cfg.heartbeat_interval;
+        let publish_name = cfg.name.clone();
+        let publish_urls = (
+            crate::cluster::url_list(&cfg.advertise_client_urls),
+            crate::cluster::url_list(&cfg.listen_native_urls),
+        );
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("corekv-shard-{i}"))
             .io_memory(IO_MEMORY_BYTES);
@@ -613,6 +613,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     .detach();
                 if i == 0 {
                     tracing::info!(urls = ?addrs, "ready to serve native clients");
+                    glommio::spawn_local(shard.clone().publish_self(publish_name, publish_urls))
+                        .detach();
                 }
                 if let Err(e) = network::serve(shard, addrs.clone()).await {
                     exit_fatal(format!("listen on {addrs:?}: {e}"));
@@ -621,26 +623,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             .map_err(|e| format!("start shard {i}: {e}"))?;
         handles.push(handle);
     }
-    let gateway = crate::api::v3rpc::Gateway::new(
-        bridge_txs,
-        cfg.raft_shard,
-        crate::api::v3rpc::MemberInfo {
-            id: member_id,
-            cluster_id,
-            name: cfg.name.clone(),
-            peer_urls: cfg
-                .initial_advertise_peer_urls
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .collect(),
-            client_urls: cfg
-                .advertise_client_urls
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .collect(),
-        },
-        cfg.max_request_bytes as usize,
-    );
+    let gateway =
+        crate::api::v3rpc::Gateway::new(bridge_txs, cfg.raft_shard, cfg.max_request_bytes as usize);
     if let Err(e) = crate::api::v3rpc::spawn(
         gateway,
         client_addrs.clone(),

@@ -271,3 +271,289 @@ fn member_of_another_cluster_is_refused() {
     let foreign = c.nodes[2].ctl(&["get", "still", "--consistency=s", "--print-value-only"]);
     assert_eq!(String::from_utf8_lossy(&foreign.stdout).trim(), "");
 }
+
+/// Adds a member the way the README tells users to: `member add`, then start it with
+/// the printed ETCD_* variables.
+fn add_member(c: &mut Cluster, via: usize, ip_last: u8, learner: bool, extra: &[&str]) -> usize {
+    let name = format!("n{}", c.nodes.len() + 1);
+    let dir = c.nodes[0].data_dir.parent().unwrap().to_path_buf();
+    let mut node = common::cluster::Node {
+        name: name.clone(),
+        ip: format!("127.0.0.{ip_last}"),
+        native_port: common::free_port(),
+        grpc_port: common::free_port(),
+        peer_port: common::free_port(),
+        data_dir: dir.join(&name),
+        log: dir.join(format!("{name}.log")),
+        child: None,
+        args: Vec::new(),
+    };
+    let mut add = vec!["member", "add", name.as_str(), "--peer-urls"];
+    let url = node.peer_url();
+    add.push(&url);
+    if learner {
+        add.push("--learner");
+    }
+    let out = c.nodes[via].ok(&add);
+    assert!(
+        out.contains(if learner {
+            "added as learner to cluster"
+        } else {
+            "added to cluster"
+        }),
+        "{out}"
+    );
+    let env = |k: &str| -> String {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("ETCD_{k}=")))
+            .unwrap_or_else(|| panic!("no ETCD_{k} in {out}"));
+        line.split_once('=')
+            .unwrap()
+            .1
+            .trim_matches('"')
+            .to_string()
+    };
+    assert_eq!(env("NAME"), name);
+    assert_eq!(env("INITIAL_CLUSTER_STATE"), "existing");
+    assert!(env("INITIAL_CLUSTER").contains(&format!("{name}={url}")));
+    node.args =
+        common::cluster::node_args(&node, &env("INITIAL_CLUSTER"), &c.token, "existing", extra);
+    c.nodes.push(node);
+    let i = c.nodes.len() - 1;
+    c.nodes[i].start();
+    i
+}
+
+fn member_line(c: &Cluster, via: usize, name: &str) -> Option<String> {
+    c.nodes[via]
+        .ok(&["member", "list"])
+        .lines()
+        .find(|l| l.contains(&format!(", {name}, ")))
+        .map(str::to_string)
+}
+
+#[test]
+fn learner_joins_catches_up_is_promoted_and_another_member_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 81, 3, &[]);
+    for i in 0..30 {
+        c.nodes[0].ok(&["put", &format!("pre{i}"), "v"]);
+    }
+    // A learner that has not caught up cannot be promoted (etcd's error).
+    let out = c.nodes[1].ok(&[
+        "member",
+        "add",
+        "ghost",
+        "--peer-urls",
+        "http://127.0.0.89:1",
+        "--learner",
+    ]);
+    let ghost = out.split_whitespace().nth(1).unwrap().to_string();
+    let refused = c.nodes[1].ctl(&["member", "promote", &ghost]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("can only promote a learner member which is in sync with leader"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    c.nodes[0].ok(&["member", "remove", &ghost]);
+    // The learner joins, receives the data, and does not vote.
+    let n4 = add_member(&mut c, 2, 84, true, &[]);
+    c.wait_ready(n4);
+    let v = c.nodes[n4].ok(&["get", "pre29", "--consistency=s", "--print-value-only"]);
+    assert_eq!(v.trim(), "v");
+    let line = member_line(&c, 0, "n4").expect("n4 listed");
+    assert!(line.ends_with("true"), "n4 should be a learner: {line}");
+    let id4 = line.split(", ").next().unwrap().to_string();
+    // Promoted through a follower (forwarded to the leader, as etcd does).
+    let leader = c.leader(Duration::from_secs(10)).expect("leader");
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let out = c.nodes[follower].ok(&["member", "promote", &id4]);
+    assert!(out.contains("promoted in cluster"), "{out}");
+    assert!(member_line(&c, 0, "n4").unwrap().ends_with("false"));
+    // Remove the leader itself: it stops, the rest elect a new leader and serve.
+    let leader_id = c.nodes[leader].status().unwrap().0;
+    c.nodes[follower].ok(&["member", "remove", &leader_id]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.nodes[leader].is_running() {
+        assert!(Instant::now() < deadline, "removed member kept running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.nodes[leader]
+        .log_text()
+        .contains("this member has been permanently removed from the cluster"));
+    // A proposal forwarded to the departing leader is lost with it: wait for the new one.
+    c.leader(Duration::from_secs(10)).expect("a new leader");
+    c.nodes[n4].ok(&["put", "after", "membership"]);
+    let live: Vec<usize> = (0..4).filter(|i| *i != leader).collect();
+    assert_on_all(&c, &live, "after", "membership");
+    let list = c.nodes[n4].ok(&["member", "list"]);
+    assert_eq!(list.lines().count(), 3, "{list}");
+    // A removed member that restarts is refused by the others and stops.
+    c.nodes[leader].start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.nodes[leader].is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "restarted removed member kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn auto_promote_move_leader_and_restart_ignoring_initial_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--auto-promote-learners", "100"];
+    let mut c = Cluster::start(dir.path(), 91, 3, &extra);
+    let n4 = add_member(&mut c, 0, 94, true, &extra);
+    c.wait_ready(n4);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if member_line(&c, 0, "n4").is_some_and(|l| l.ends_with("false")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "learner was not auto-promoted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // move-leader hands leadership to the named member.
+    let leader = c.leader(Duration::from_secs(10)).expect("leader");
+    let target = (leader + 1) % 4;
+    let target_id = c.nodes[target].status().unwrap().0;
+    let eps = c.endpoints().join(",");
+    let out = std::process::Command::new(common::BIN)
+        .args(["move-leader", &target_id, "--endpoints", &eps])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Leadership transferred"));
+    assert_eq!(c.leader(Duration::from_secs(10)), Some(target));
+    // A data dir that holds a member ignores --initial-* on restart.
+    c.nodes[0].kill9();
+    let pos = c.nodes[0]
+        .args
+        .iter()
+        .position(|a| a == "--initial-cluster")
+        .unwrap();
+    c.nodes[0].args[pos + 1] = "n1=http://127.0.0.254:1".into();
+    c.nodes[0].start();
+    c.wait_ready(0);
+    c.nodes[0].ok(&["put", "restarted", "yes"]);
+    assert_on_all(&c, &[0, 1, 2, 3], "restarted", "yes");
+}
+
+/// The same three-member configuration started as a real etcd 3.4 cluster and as a corekv
+/// cluster: identical member IDs, cluster ID and member list (etcdctl -w json).
+#[test]
+fn member_ids_and_list_match_a_real_etcd_cluster() {
+    let have = |b: &str, arg: &str| {
+        std::process::Command::new(b)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !(have("etcd", "--version") && have("etcdctl", "version")) {
+        assert!(
+            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
+            "etcd/etcdctl missing but COREKV_REQUIRE_ETCD is set"
+        );
+        eprintln!("SKIPPED: apt-get install etcd-server etcd-client");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::define(dir.path(), 101, 3, &[]);
+    let initial = c
+        .nodes
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.peer_url()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = |ep: &str| -> Option<serde_json::Value> {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                ep,
+                "--command-timeout=2s",
+                "member",
+                "list",
+                "-w",
+                "json",
+            ])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let members = v["members"].as_array()?;
+        // Wait until every member has published its name and client URLs.
+        (members.len() == 3 && members.iter().all(|m| m["clientURLs"].is_array()))
+            .then(|| serde_json::json!({"cluster_id": v["header"]["cluster_id"], "members": v["members"]}))
+    };
+    let wait_list = |ep: &str| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = list(ep) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no complete member list from {ep}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut etcds: Vec<std::process::Child> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let log =
+                std::fs::File::create(dir.path().join(format!("etcd-{}.log", n.name))).unwrap();
+            std::process::Command::new("etcd")
+                .args(["--name", &n.name])
+                .args([
+                    "--data-dir",
+                    &dir.path()
+                        .join(format!("etcd-{}", n.name))
+                        .display()
+                        .to_string(),
+                ])
+                .args(["--listen-peer-urls", &n.peer_url()])
+                .args(["--initial-advertise-peer-urls", &n.peer_url()])
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://{}", n.grpc_endpoint()),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://{}", n.grpc_endpoint()),
+                ])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-token", &c.token])
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd")
+        })
+        .collect();
+    let theirs = wait_list(&c.nodes[0].grpc_endpoint());
+    for e in etcds.iter_mut() {
+        let _ = e.kill();
+        let _ = e.wait();
+    }
+    for n in c.nodes.iter_mut() {
+        n.start();
+    }
+    for i in 0..3 {
+        c.wait_ready(i);
+    }
+    let ours = wait_list(&c.nodes[0].grpc_endpoint());
+    assert_eq!(
+        theirs, ours,
+        "member list differs (left: etcd, right: corekv)"
+    );
+}

@@ -4,6 +4,7 @@
 
 use super::network::Shard;
 use super::watch::{StreamId, WatchOut, WatchSpec};
+use crate::cluster::Member;
 use crate::error::KvError;
 use crate::model::*;
 use futures::channel::{mpsc, oneshot};
@@ -47,6 +48,12 @@ pub enum BridgeRequest {
     Resign(LeaderKey, Reply<Header>),
     Leader(Vec<u8>, Reply<(Header, KeyValue)>),
     Observe(Vec<u8>, oneshot::Sender<Observed>),
+    MemberList(Reply<(Header, Vec<Member>)>),
+    MemberAdd(Vec<String>, bool, Reply<(Header, Member, Vec<Member>)>),
+    MemberRemove(u64, Reply<(Header, Vec<Member>)>),
+    MemberUpdate(u64, Vec<String>, Reply<(Header, Vec<Member>)>),
+    MemberPromote(u64, Reply<(Header, Vec<Member>)>),
+    MoveLeader(u64, Reply<Header>),
     /// Watch stream commands, handled in order on the stream's shard.
     Watch(StreamId, WatchCmd),
 }
@@ -125,6 +132,24 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 BridgeRequest::Leader(name, tx) => answer(tx, shard.leader(&name)).await,
                 BridgeRequest::Observe(name, tx) => {
                     let _ = tx.send(shard.observe(name));
+                }
+                BridgeRequest::MemberList(tx) => {
+                    let _ = tx.send(shard.member_list());
+                }
+                BridgeRequest::MemberAdd(urls, learner, tx) => {
+                    let _ = tx.send(shard.member_add(urls, learner).await);
+                }
+                BridgeRequest::MemberRemove(id, tx) => {
+                    let _ = tx.send(shard.member_remove(id).await);
+                }
+                BridgeRequest::MemberUpdate(id, urls, tx) => {
+                    let _ = tx.send(shard.member_update(id, urls).await);
+                }
+                BridgeRequest::MemberPromote(id, tx) => {
+                    let _ = tx.send(shard.member_promote(id).await);
+                }
+                BridgeRequest::MoveLeader(to, tx) => {
+                    let _ = tx.send(shard.move_leader(to).await);
                 }
                 BridgeRequest::Watch(..) => {} // handled above
             }

@@ -14,7 +14,8 @@ impl Shard {
     /// The membership as this member last applied it (etcd 3.4 serves it locally too).
     pub fn member_list(&self) -> Result<(Header, Vec<Member>), KvError> {
         let txn = self.backend.read_txn()?;
-        let members = crate::cluster::load_members(&self.backend, &txn)?;
+        let mut members = crate::cluster::load_members(&self.backend, &txn)?;
+        members.sort_by_key(|m| m.id); // etcd lists members by ID
         Ok((self.header(0), members))
     }
 
@@ -53,6 +54,7 @@ impl Shard {
             peer_urls,
             client_urls: Vec::new(),
             is_learner,
+            native_urls: Vec::new(),
         };
         let kind = if is_learner {
             ConfChangeType::AddLearnerNode
@@ -89,12 +91,27 @@ impl Shard {
             .await
     }
 
+    /// Only the leader knows whether the learner has caught up: a follower forwards
+    /// the promotion to it (as etcd does).
     pub async fn member_promote(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
         if !self.find(id)?.is_learner {
             return Err(KvError::MemberNotLearner);
         }
-        self.conf_change(ConfChangeType::AddNode, id, MemberChange::Promote(id))
+        match self
+            .conf_change(ConfChangeType::AddNode, id, MemberChange::Promote(id))
             .await
+        {
+            Err(KvError::NotLeader) => self.forward_promote(id).await,
+            other => other,
+        }
+    }
+
+    async fn forward_promote(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
+        let (_, status) = self.status().await?;
+        let leader = self.find(status.leader).map_err(|_| KvError::NoLeader)?;
+        let url = leader.native_urls.first().ok_or(KvError::NoLeader)?;
+        let client = crate::client::Client::connect(url).await?;
+        client.member_promote(id).await
     }
 
     async fn conf_change(
@@ -140,28 +157,36 @@ impl Shard {
     }
 
     /// Records this member's name and client URLs in the membership (etcd's publish),
-    /// once a leader exists. Retries for a bounded time.
-    pub async fn publish_self(self: Rc<Self>, name: String, client_urls: Vec<String>) {
-        const ATTEMPTS: u32 = 600;
+    /// once a leader exists. Retries every 50 ms (a new cluster elects within about an
+    /// election timeout) for at most ten minutes.
+    pub async fn publish_self(
+        self: Rc<Self>,
+        name: String,
+        (client_urls, native_urls): (Vec<String>, Vec<String>),
+    ) {
+        const ATTEMPTS: u32 = 12_000;
         for _ in 0..ATTEMPTS {
             let me = self.settings.member_id;
             let current = self
                 .member_list()
                 .ok()
                 .and_then(|(_, ms)| ms.into_iter().find(|m| m.id == me));
-            if current.is_some_and(|m| m.name == name && m.client_urls == client_urls) {
+            if current.is_some_and(|m| {
+                m.name == name && m.client_urls == client_urls && m.native_urls == native_urls
+            }) {
                 return;
             }
             let req = WriteRequest::PublishMember {
                 id: me,
                 name: name.clone(),
                 client_urls: client_urls.clone(),
+                native_urls: native_urls.clone(),
             };
             match self.write(req).await {
                 Ok(_) => return,
                 Err(e) => tracing::debug!("publishing member attributes: {e}"),
             }
-            glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
         }
         tracing::warn!("could not publish this member's name and client URLs");
     }

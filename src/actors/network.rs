@@ -820,6 +820,98 @@ impl kv::Server for KvService {
         Ok(())
     }
 
+    async fn member_list(
+        self: Rc<Self>,
+        _params: kv::MemberListParams,
+        mut results: kv::MemberListResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let (h, ms) = self.shard.member_list().map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        native::write_members(r.init_members(ms.len() as u32), &ms);
+        Ok(())
+    }
+
+    async fn member_add(
+        self: Rc<Self>,
+        params: kv::MemberAddParams,
+        mut results: kv::MemberAddResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let p = params.get()?;
+        let urls = native::read_text_list(p.get_peer_urls()?)?;
+        let (h, m, ms) = self
+            .shard
+            .member_add(urls, p.get_is_learner())
+            .await
+            .map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        native::write_member(r.reborrow().init_member(), &m);
+        native::write_members(r.init_members(ms.len() as u32), &ms);
+        Ok(())
+    }
+
+    async fn member_remove(
+        self: Rc<Self>,
+        params: kv::MemberRemoveParams,
+        mut results: kv::MemberRemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let id = params.get()?.get_id();
+        let (h, ms) = self.shard.member_remove(id).await.map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        native::write_members(r.init_members(ms.len() as u32), &ms);
+        Ok(())
+    }
+
+    async fn member_update(
+        self: Rc<Self>,
+        params: kv::MemberUpdateParams,
+        mut results: kv::MemberUpdateResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let p = params.get()?;
+        let urls = native::read_text_list(p.get_peer_urls()?)?;
+        let (h, ms) = self
+            .shard
+            .member_update(p.get_id(), urls)
+            .await
+            .map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        native::write_members(r.init_members(ms.len() as u32), &ms);
+        Ok(())
+    }
+
+    async fn member_promote(
+        self: Rc<Self>,
+        params: kv::MemberPromoteParams,
+        mut results: kv::MemberPromoteResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let id = params.get()?.get_id();
+        let (h, ms) = self.shard.member_promote(id).await.map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        native::write_members(r.init_members(ms.len() as u32), &ms);
+        Ok(())
+    }
+
+    async fn move_leader(
+        self: Rc<Self>,
+        params: kv::MoveLeaderParams,
+        mut results: kv::MoveLeaderResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let target = params.get()?.get_target();
+        let h = self.shard.move_leader(target).await.map_err(to_capnp)?;
+        native::write_header(results.get().init_header(), &h);
+        Ok(())
+    }
+
     async fn status(
         self: Rc<Self>,
         _params: kv::StatusParams,

@@ -515,11 +515,33 @@ async fn send_snapshot(stream: &mut glommio::net::TcpStream, m: Message) -> std:
     Ok(())
 }
 
+/// A listener with SO_REUSEADDR, so a restarted member can bind while its previous
+/// life's peer connections sit in TIME_WAIT (Go, hence etcd, sets it too).
+fn bind_reusable(addr: &str) -> std::io::Result<glommio::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    let sa = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| invalid(format!("{addr}: no address")))?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&sa.into())?;
+    sock.listen(1024)?;
+    // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(sock.into_raw_fd()) })
+}
+
 /// Accepts peer connections on every address; each connection feeds the raft actor.
 pub async fn listen(ctx: Rc<Ctx>, addrs: Vec<String>) -> std::io::Result<()> {
     let mut tasks = Vec::new();
     for addr in addrs {
-        let l = glommio::net::TcpListener::bind(addr.as_str())?;
+        let l = bind_reusable(&addr)?;
         let ctx = ctx.clone();
         tasks.push(glommio::spawn_local(async move {
             let current: Rc<RefCell<HashMap<u64, glommio::task::JoinHandle<()>>>> = Rc::default();

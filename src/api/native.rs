@@ -582,3 +582,68 @@ pub fn read_leader_key(r: w::leader_key::Reader) -> R<LeaderKey> {
         lease: r.get_lease(),
     })
 }
+
+fn write_texts(mut b: capnp::text_list::Builder, items: &[String]) {
+    for (i, s) in items.iter().enumerate() {
+        b.set(i as u32, s.as_str());
+    }
+}
+
+fn read_texts(r: capnp::text_list::Reader) -> R<Vec<String>> {
+    let mut out = Vec::with_capacity(r.len() as usize);
+    for t in r.iter() {
+        out.push(t?.to_string().map_err(|e| Error::failed(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+pub fn write_member(mut b: w::member::Builder, m: &crate::cluster::Member) {
+    b.set_id(m.id);
+    b.set_name(m.name.as_str());
+    b.set_is_learner(m.is_learner);
+    write_texts(
+        b.reborrow().init_peer_urls(m.peer_urls.len() as u32),
+        &m.peer_urls,
+    );
+    write_texts(
+        b.reborrow().init_client_urls(m.client_urls.len() as u32),
+        &m.client_urls,
+    );
+    write_texts(
+        b.init_native_urls(m.native_urls.len() as u32),
+        &m.native_urls,
+    );
+}
+
+pub fn write_members(
+    mut b: capnp::struct_list::Builder<w::member::Owned>,
+    ms: &[crate::cluster::Member],
+) {
+    for (i, m) in ms.iter().enumerate() {
+        write_member(b.reborrow().get(i as u32), m);
+    }
+}
+
+pub fn read_member(r: w::member::Reader) -> R<crate::cluster::Member> {
+    Ok(crate::cluster::Member {
+        id: r.get_id(),
+        name: r
+            .get_name()?
+            .to_string()
+            .map_err(|e| Error::failed(e.to_string()))?,
+        peer_urls: read_texts(r.get_peer_urls()?)?,
+        client_urls: read_texts(r.get_client_urls()?)?,
+        is_learner: r.get_is_learner(),
+        native_urls: read_texts(r.get_native_urls()?)?,
+    })
+}
+
+pub fn read_members(
+    r: capnp::struct_list::Reader<w::member::Owned>,
+) -> R<Vec<crate::cluster::Member>> {
+    r.iter().map(read_member).collect()
+}
+
+pub fn read_text_list(r: capnp::text_list::Reader) -> R<Vec<String>> {
+    read_texts(r)
+}

@@ -30,14 +30,6 @@ pub const ETCD_API_VERSION: &str = "3.4.0";
 /// etcd's allowance for gRPC framing on top of --max-request-bytes.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-pub struct MemberInfo {
-    pub id: u64,
-    pub cluster_id: u64,
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-}
-
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<GatewayInner>,
@@ -48,7 +40,6 @@ struct GatewayInner {
     /// Writes go to the shard of the raft actor: one cross-shard hop fewer.
     raft_shard: usize,
     next: AtomicUsize,
-    member: MemberInfo,
     max_request_bytes: usize,
 }
 
@@ -77,7 +68,6 @@ impl Gateway {
     pub fn new(
         shards: Vec<mpsc::Sender<BridgeRequest>>,
         raft_shard: usize,
-        member: MemberInfo,
         max_request_bytes: usize,
     ) -> Gateway {
         assert!(raft_shard < shards.len());
@@ -86,7 +76,6 @@ impl Gateway {
                 shards,
                 raft_shard,
                 next: AtomicUsize::new(0),
-                member,
                 max_request_bytes,
             }),
         }
@@ -504,9 +493,11 @@ impl Maintenance for Gateway {
 
     async fn move_leader(
         &self,
-        _req: Request<pb::MoveLeaderRequest>,
+        req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(not_yet("move-leader (clustering)"))
+        let to = req.into_inner().target_id;
+        let h = self.call(|tx| BridgeRequest::MoveLeader(to, tx)).await?;
+        Ok(Response::new(pb::MoveLeaderResponse { header: header(&h) }))
     }
 
     async fn downgrade(
@@ -517,58 +508,84 @@ impl Maintenance for Gateway {
     }
 }
 
+fn member_pb(m: &crate::cluster::Member) -> pb::Member {
+    pb::Member {
+        id: m.id,
+        name: m.name.clone(),
+        peer_ur_ls: m.peer_urls.clone(),
+        client_ur_ls: m.client_urls.clone(),
+        is_learner: m.is_learner,
+    }
+}
+
+fn members_pb(ms: &[crate::cluster::Member]) -> Vec<pb::Member> {
+    ms.iter().map(member_pb).collect()
+}
+
 #[tonic::async_trait]
 impl Cluster for Gateway {
     async fn member_add(
         &self,
-        _req: Request<pb::MemberAddRequest>,
+        req: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        Err(not_yet("member add (clustering)"))
+        let r = req.into_inner();
+        let (h, m, list) = self
+            .call(|tx| BridgeRequest::MemberAdd(r.peer_ur_ls, r.is_learner, tx))
+            .await?;
+        Ok(Response::new(pb::MemberAddResponse {
+            header: header(&h),
+            member: Some(member_pb(&m)),
+            members: members_pb(&list),
+        }))
     }
 
     async fn member_remove(
         &self,
-        _req: Request<pb::MemberRemoveRequest>,
+        req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        Err(not_yet("member remove (clustering)"))
+        let id = req.into_inner().id;
+        let (h, list) = self.call(|tx| BridgeRequest::MemberRemove(id, tx)).await?;
+        Ok(Response::new(pb::MemberRemoveResponse {
+            header: header(&h),
+            members: members_pb(&list),
+        }))
     }
 
     async fn member_update(
         &self,
-        _req: Request<pb::MemberUpdateRequest>,
+        req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(not_yet("member update (clustering)"))
+        let r = req.into_inner();
+        let (h, list) = self
+            .call(|tx| BridgeRequest::MemberUpdate(r.id, r.peer_ur_ls, tx))
+            .await?;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: header(&h),
+            members: members_pb(&list),
+        }))
     }
 
     async fn member_list(
         &self,
         _req: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
-        let m = &self.inner.member;
-        // The header's term comes from a status round trip through a shard; etcd's
-        // member list carries no revision.
-        let (h, _) = self.call(BridgeRequest::Status).await?;
+        let (h, list) = self.call(BridgeRequest::MemberList).await?;
         Ok(Response::new(pb::MemberListResponse {
-            header: header(&Header {
-                cluster_id: m.cluster_id,
-                revision: 0,
-                ..h
-            }),
-            members: vec![pb::Member {
-                id: m.id,
-                name: m.name.clone(),
-                peer_ur_ls: m.peer_urls.clone(),
-                client_ur_ls: m.client_urls.clone(),
-                is_learner: false,
-            }],
+            header: header(&h),
+            members: members_pb(&list),
         }))
     }
 
     async fn member_promote(
         &self,
-        _req: Request<pb::MemberPromoteRequest>,
+        req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        Err(not_yet("member promote (clustering)"))
+        let id = req.into_inner().id;
+        let (h, list) = self.call(|tx| BridgeRequest::MemberPromote(id, tx)).await?;
+        Ok(Response::new(pb::MemberPromoteResponse {
+            header: header(&h),
+            members: members_pb(&list),
+        }))
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod concurrency;
 pub mod lease;
+pub mod member;
 pub mod output;
 pub mod txn_parse;
 pub mod watch;
@@ -85,7 +86,17 @@ pub struct DelArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum EndpointCmd {
     /// Prints out the status of endpoints specified in `--endpoints` flag.
-    Status,
+    Status {
+        /// Use all endpoints from the cluster member list.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Checks the healthiness of endpoints specified in `--endpoints` flag.
+    Health {
+        /// Use all endpoints from the cluster member list.
+        #[arg(long)]
+        cluster: bool,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -232,8 +243,12 @@ pub async fn compact(c: &Client, f: Format, rev: i64, physical: bool) -> Result<
     Ok(output::compact(f, &h, rev))
 }
 
-pub async fn endpoint_status(endpoints: &str, f: Format) -> Result<String, KvError> {
-    let addrs = crate::config::parse_urls(endpoints).map_err(KvError::Client)?;
+pub async fn endpoint_status(endpoints: &str, f: Format, cluster: bool) -> Result<String, KvError> {
+    let addrs = if cluster {
+        member::cluster_endpoints(endpoints).await?
+    } else {
+        crate::config::parse_urls(endpoints).map_err(KvError::Client)?
+    };
     let mut rows = Vec::new();
     for ep in addrs {
         let c = Client::connect(&ep).await?;

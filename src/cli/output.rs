@@ -298,7 +298,7 @@ pub fn endpoint_status(f: Format, rows: &[(String, Header, Status)]) -> Result<S
 }
 
 /// tablewriter's layout as etcdctl uses it: centred header, right-aligned cells.
-fn table(header: &[String], rows: &[Vec<String>]) -> String {
+pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             rows.iter()

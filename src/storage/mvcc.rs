@@ -610,11 +610,13 @@ impl<'e> Applier<'e> {
                 id,
                 name,
                 client_urls,
+                native_urls,
             } => {
                 let mut members = crate::cluster::load_members(self.b, &self.txn)?;
                 if let Some(m) = members.iter_mut().find(|m| m.id == *id) {
                     m.name = name.clone();
                     m.client_urls = client_urls.clone();
+                    m.native_urls = native_urls.clone();
                 }
                 let r = crate::cluster::store_members(self.b, &mut self.txn, &members);
                 self.poison_kv(r)?;

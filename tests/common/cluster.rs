@@ -33,6 +33,9 @@ impl Node {
     }
 
     pub fn start(&mut self) {
+        if !self.is_running() {
+            self.child = None; // reaped: it exited by itself
+        }
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
