@@ -135,8 +135,12 @@ pub struct ServeConfig {
     #[arg(long, env = "COREKV_INITIAL_CLUSTER_STATE", default_value = "new", value_parser = ["new", "existing"])]
     pub initial_cluster_state: String,
     /// DNS domain whose `_etcd-server._tcp` SRV records list the initial cluster.
-    #[arg(long, env = "COREKV_DISCOVERY_SRV")]
+    #[arg(long, env = "COREKV_DISCOVERY_SRV", conflicts_with = "initial_cluster")]
     pub discovery_srv: Option<String>,
+    /// DNS server (ip:port) for --discovery-srv instead of the system resolver
+    /// (a corekv extension; etcd always uses the system's).
+    #[arg(long, env = "COREKV_DISCOVERY_DNS_SERVER")]
+    pub discovery_dns_server: Option<String>,
     /// Promote a learner to voter once its log is within this many entries of the
     /// leader's (0 = never; etcd has no such option).
     #[arg(long, env = "COREKV_AUTO_PROMOTE_LEARNERS", default_value_t = 0)]

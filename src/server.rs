@@ -170,7 +170,12 @@ fn load_identity(backend: &Backend) -> Result<Option<(u64, u64)>, String> {
 fn bootstrap(cfg: &ServeConfig, backend: &Backend) -> Result<(u64, u64), String> {
     let own_urls = cfg.advertise_peer_urls();
     let spec = match &cfg.discovery_srv {
-        Some(domain) => crate::discovery::initial_cluster_from_srv(domain, &cfg.name, &own_urls)?,
+        Some(domain) => crate::discovery::initial_cluster_from_srv(
+            domain,
+            &cfg.name,
+            &own_urls,
+            cfg.discovery_dns_server.as_deref(),
+        )?,
         None => cfg.initial_cluster_spec(),
     };
     let initial = crate::cluster::parse_initial_cluster(&spec, &cfg.initial_cluster_token)?;
@@ -180,7 +185,8 @@ fn bootstrap(cfg: &ServeConfig, backend: &Backend) -> Result<(u64, u64), String>
             cfg.name
         )
     })?;
-    if !crate::cluster::same_urls(&me.peer_urls, &own_urls) {
+    // (Discovery matched this member by resolved address; its URL is the SRV name.)
+    if cfg.discovery_srv.is_none() && !crate::cluster::same_urls(&me.peer_urls, &own_urls) {
         return Err(format!(
             "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
             me.name,
@@ -374,6 +380,17 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             .map(|sa| sa.ip())
             .filter(|ip| !ip.is_unspecified())
     });
+    let resolved = match &cfg.discovery_dns_server {
+        Some(dns) => {
+            let urls: Vec<String> = rec
+                .members
+                .iter()
+                .flat_map(|m| m.peer_urls.clone())
+                .collect();
+            crate::discovery::resolve_peer_hosts(dns, &urls)?
+        }
+        None => Default::default(),
+    };
     let peers: std::collections::HashMap<u64, Vec<String>> = rec
         .members
         .iter()
@@ -395,6 +412,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let mut apply_part = Some((rec.applied_index, rec.applied_term));
     let mut handles = Vec::new();
     for i in 0..shards {
+        let resolved = resolved.clone();
         let cpu = cpus[i % cpus.len()];
         let backend = rec.backend.clone();
         let net_tx = mb.net_to_raft[i].0.take();
@@ -556,6 +574,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                             bind_ip,
                             to_raft: peer_tx,
                             user_timeout_ms: (2 * setup.election_ms).max(1000) as u32,
+                            resolved,
                         });
                         let listen_ctx = ctx.clone();
                         glommio::spawn_local(async move {

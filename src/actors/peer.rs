@@ -164,6 +164,8 @@ pub struct Ctx {
     /// this breaks the connection, which then reconnects (instead of waiting out TCP's
     /// exponential retransmit backoff after a partition heals).
     pub user_timeout_ms: u32,
+    /// host:port -> address resolved at start-up through --discovery-dns-server.
+    pub resolved: HashMap<String, std::net::SocketAddr>,
 }
 
 /// The raft actor's handle: per-peer queues, each drained by one connection task.
@@ -240,10 +242,13 @@ impl Transport {
 async fn connect(ctx: &Ctx, addr: &str) -> std::io::Result<glommio::net::TcpStream> {
     use std::net::ToSocketAddrs;
     use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
-    let target = addr
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| invalid(format!("{addr}: no address")))?;
+    let target = match ctx.resolved.get(addr) {
+        Some(sa) => *sa,
+        None => addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| invalid(format!("{addr}: no address")))?,
+    };
     let domain = socket2::Domain::for_address(target);
     let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_nonblocking(true)?;
