@@ -378,6 +378,10 @@ impl ApplyActor {
             ToLessor::KeepAlive { id, lease } => {
                 (id, self.lessor.renew(lease, now).map(LeaseReply::KeepAlive))
             }
+            // Only the leader's timers are renewed: followers send the caller there.
+            ToLessor::TimeToLive { id, .. } if !self.lessor.is_leader() => {
+                (id, Err(KvError::NotLeader))
+            }
             ToLessor::TimeToLive { id, lease, keys } => {
                 let ttl = match self.lessor.time_to_live(lease, now) {
                     None => Ok(LeaseTimeToLive {

@@ -107,11 +107,39 @@ impl Shard {
     }
 
     async fn forward_promote(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
+        let r = self.leader_client().await?.member_promote(id).await;
+        self.forget_leader_conn_on(&r);
+        r
+    }
+
+    /// A failed forwarded call may mean a dead connection: dial afresh next time.
+    pub(super) fn forget_leader_conn_on<T>(&self, r: &Result<T, KvError>) {
+        if r.is_err() {
+            self.leader_conn.borrow_mut().take();
+        }
+    }
+
+    /// A native connection to the current leader (kept while it leads), for the calls
+    /// only the leader can answer.
+    pub(super) async fn leader_client(&self) -> Result<Rc<crate::client::Client>, KvError> {
         let (_, status) = self.status().await?;
+        if status.leader == 0 {
+            return Err(KvError::NoLeader);
+        }
+        if status.leader == self.settings.member_id {
+            // Raft just made this member leader; the caller's next try is answered here.
+            return Err(KvError::NotLeader);
+        }
+        if let Some((id, c)) = self.leader_conn.borrow().as_ref() {
+            if *id == status.leader {
+                return Ok(c.clone());
+            }
+        }
         let leader = self.find(status.leader).map_err(|_| KvError::NoLeader)?;
         let url = leader.native_urls.first().ok_or(KvError::NoLeader)?;
-        let client = crate::client::Client::connect(url).await?;
-        client.member_promote(id).await
+        let client = Rc::new(crate::client::Client::connect(url).await?);
+        *self.leader_conn.borrow_mut() = Some((status.leader, client.clone()));
+        Ok(client)
     }
 
     async fn conf_change(

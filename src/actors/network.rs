@@ -58,6 +58,9 @@ pub struct Shard {
     next_seq: Cell<u64>,
     raft_term: Rc<Cell<u64>>,
     nospace_raised: Cell<bool>,
+    /// A native connection to the leader (its member ID), for lease calls only the
+    /// leader answers.
+    pub(super) leader_conn: RefCell<Option<(u64, Rc<crate::client::Client>)>>,
     pub hub: RefCell<WatchHub>,
     /// Wakes the catch-up task when some watcher is behind.
     catch_up_kick: glommio::channels::local_channel::LocalSender<()>,
@@ -113,6 +116,7 @@ impl Shard {
             next_seq: Cell::new(1),
             raft_term,
             nospace_raised: Cell::new(false),
+            leader_conn: RefCell::new(None),
             hub: RefCell::new(hub),
             catch_up_kick: kick,
             catch_up_rx: RefCell::new(Some(kicked)),
@@ -408,14 +412,21 @@ impl Shard {
     }
 
     /// Renews a lease on the leader: its TTL, or 0 when it no longer exists.
+    /// Keepalives renew the leader's timers (etcd forwards them to the leader too).
     pub async fn lease_keepalive(&self, lease: i64) -> Result<(Header, i64), KvError> {
         let id = self.next_id();
         match self
             .call_lessor(id, ToLessor::KeepAlive { id, lease })
-            .await?
+            .await
         {
-            LeaseReply::KeepAlive(ttl) => Ok((self.current_header()?, ttl)),
-            _ => Err(KvError::Internal("unexpected keepalive reply".into())),
+            Ok(LeaseReply::KeepAlive(ttl)) => Ok((self.current_header()?, ttl)),
+            Ok(_) => Err(KvError::Internal("unexpected keepalive reply".into())),
+            Err(KvError::NotLeader) => {
+                let r = self.leader_client().await?.lease_keepalive(lease).await;
+                self.forget_leader_conn_on(&r);
+                r
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -427,10 +438,20 @@ impl Shard {
         let id = self.next_id();
         match self
             .call_lessor(id, ToLessor::TimeToLive { id, lease, keys })
-            .await?
+            .await
         {
-            LeaseReply::TimeToLive(t) => Ok((self.current_header()?, t)),
-            _ => Err(KvError::Internal("unexpected time-to-live reply".into())),
+            Ok(LeaseReply::TimeToLive(t)) => Ok((self.current_header()?, t)),
+            Ok(_) => Err(KvError::Internal("unexpected time-to-live reply".into())),
+            Err(KvError::NotLeader) => {
+                let r = self
+                    .leader_client()
+                    .await?
+                    .lease_time_to_live(lease, keys)
+                    .await;
+                self.forget_leader_conn_on(&r);
+                r
+            }
+            Err(e) => Err(e),
         }
     }
 

@@ -163,10 +163,23 @@ async fn keep_alive(c: &Client, json: bool, id: i64, once: bool) -> Result<Strin
     print!("{line}");
     let _ = std::io::stdout().flush();
     let mut ttl = ttl;
+    let mut last_ok = std::time::Instant::now();
     // Bounded by the lease's life: ends when it expires or is revoked.
     loop {
         glommio::timer::sleep(std::time::Duration::from_secs((ttl / 3).max(1) as u64)).await;
-        let (h, t) = c.lease_keepalive(id).await?;
+        // Leader changes fail a keepalive or two: retry (as clientv3 does) until the
+        // lease would have expired since the last renewal.
+        let (h, t) = loop {
+            match c.lease_keepalive(id).await {
+                Ok(r) => break r,
+                Err(e) if last_ok.elapsed() < std::time::Duration::from_secs(ttl as u64) => {
+                    tracing::debug!("keepalive failed, retrying: {e}");
+                    glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        last_ok = std::time::Instant::now();
         if t <= 0 {
             return Ok(if json {
                 String::new()
