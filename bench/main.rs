@@ -136,7 +136,13 @@ where
 
 /// The first endpoint as a URL tonic can dial (scheme optional on the command line).
 fn grpc_url(endpoints: &str) -> String {
-    let ep = endpoints.split(',').next().unwrap_or_default().trim();
+    grpc_url_n(endpoints, 0)
+}
+
+/// The `n`th endpoint (round robin), as etcd's benchmark spreads connections.
+fn grpc_url_n(endpoints: &str, n: usize) -> String {
+    let list: Vec<&str> = endpoints.split(',').map(str::trim).collect();
+    let ep = list[n % list.len()];
     if ep.contains("://") {
         ep.to_string()
     } else {
@@ -165,9 +171,9 @@ fn run_thread_grpc(
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let url = grpc_url(&load.endpoints);
         let mut channels = Vec::new();
-        for _ in 0..conns.max(1) {
+        for i in 0..conns.max(1) {
+            let url = grpc_url_n(&load.endpoints, i as usize);
             let ch = tonic::transport::Endpoint::from_shared(url.clone())
                 .map_err(|e| e.to_string())?
                 .tcp_nodelay(true)
@@ -234,9 +240,10 @@ fn run_thread(
     let spin = Duration::from_micros(load.spin_before_park_us);
     corekv::client::block_on_spinning(spin, move || async move {
         let mut conn_list = Vec::new();
-        for _ in 0..conns.max(1) {
+        let eps: Vec<&str> = load.endpoints.split(',').map(str::trim).collect();
+        for i in 0..conns.max(1) {
             conn_list.push(Rc::new(
-                Client::connect(&load.endpoints)
+                Client::connect(eps[i as usize % eps.len()])
                     .await
                     .map_err(|e| e.to_string())?,
             ));
