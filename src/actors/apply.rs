@@ -245,6 +245,7 @@ impl ApplyActor {
         }
         let rev_before = applier.revision();
         let mut last = (self.applied_index, self.applied_term);
+        let mut conf_changed = false;
         for e in entries {
             if e.index <= self.applied_index {
                 continue; // already in LMDB (replayed after restart)
@@ -252,6 +253,7 @@ impl ApplyActor {
             assert_eq!(e.index, last.0 + 1, "entries apply in order");
             last = (e.index, e.term);
             if e.get_entry_type() != EntryType::EntryNormal {
+                conf_changed = true;
                 let result = self.apply_member_change(&mut applier, &e, confs.get(&e.index));
                 if let Ok(ProposalRef { epoch, id }) = postcard::from_bytes(&e.context) {
                     if epoch == self.epoch {
@@ -299,7 +301,8 @@ impl ApplyActor {
             }
         }
         let rev_after = applier.revision();
-        let removed_self = applier.member_removed(self.member_id).unwrap_or(false);
+        // Only a membership change can remove this member: no extra read otherwise.
+        let removed_self = conf_changed && applier.member_removed(self.member_id).unwrap_or(false);
         let events = applier.take_events();
         let lease_changes = applier.take_lease_changes();
         applier.finish(last.0, last.1).unwrap_or_else(|e| fatal(e));
