@@ -50,6 +50,15 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
     u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8]))
 }
 
+/// "http://127.0.0.1:2380" -> "127.0.0.1:2380" (scheme optional, as etcd's flags).
+pub fn host_port(url: &str) -> String {
+    url.strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .to_string()
+}
+
 /// Splits a comma-separated URL list, trimmed, empty items dropped.
 pub fn url_list(s: &str) -> Vec<String> {
     s.split(',')

@@ -272,15 +272,11 @@ impl ServeConfig {
 pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for u in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let hostport = u
-            .strip_prefix("http://")
-            .or_else(|| u.strip_prefix("https://"))
-            .unwrap_or(u)
-            .trim_end_matches('/');
+        let hostport = crate::cluster::host_port(u);
         if hostport.contains('/') || !hostport.contains(':') {
             return Err(format!("invalid URL {u:?}: expected [scheme://]host:port"));
         }
-        out.push(hostport.to_string());
+        out.push(hostport);
     }
     if out.is_empty() {
         return Err("no URL given".into());

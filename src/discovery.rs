@@ -41,7 +41,7 @@ pub fn resolve_peer_hosts(
         let resolver = resolver_for(Some(dns_server))?;
         let mut out = std::collections::HashMap::new();
         for u in urls {
-            let hp = host_port(u);
+            let hp = crate::cluster::host_port(u);
             let Some((host, port)) = hp.rsplit_once(':') else {
                 continue;
             };
@@ -62,14 +62,6 @@ pub fn resolve_peer_hosts(
         }
         Ok(out)
     })
-}
-
-fn host_port(url: &str) -> String {
-    url.strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .unwrap_or(url)
-        .trim_end_matches('/')
-        .to_string()
 }
 
 fn resolver_for(dns_server: Option<&str>) -> Result<TokioAsyncResolver, String> {
@@ -113,7 +105,7 @@ async fn lookup(
     };
     let mut own = Vec::new();
     for u in own_urls {
-        own.extend(resolve(host_port(u)).await?);
+        own.extend(resolve(crate::cluster::host_port(u)).await?);
     }
     let service = format!("_etcd-server._tcp.{domain}");
     let records = resolver

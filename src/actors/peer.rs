@@ -139,15 +139,6 @@ pub fn decode_messages(mut payload: &[u8]) -> std::io::Result<Vec<Message>> {
     Ok(out)
 }
 
-/// "http://127.0.0.1:2380" -> "127.0.0.1:2380".
-fn host_port(url: &str) -> String {
-    url.strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .unwrap_or(url)
-        .trim_end_matches('/')
-        .to_string()
-}
-
 /// Shared by the transport's tasks (all on the raft shard's executor).
 pub struct Ctx {
     pub cluster_id: u64,
@@ -310,7 +301,7 @@ async fn handshake(ctx: &Ctx, to: u64) -> Result<glommio::net::TcpStream, String
     let urls = ctx.peers.borrow().get(&to).cloned().unwrap_or_default();
     let mut last_err = format!("member {to:x} has no peer URL");
     for url in urls {
-        let addr = host_port(&url);
+        let addr = crate::cluster::host_port(&url);
         let mut s = match connect(ctx, &addr).await {
             Ok(s) => s,
             Err(e) => {
@@ -772,7 +763,7 @@ pub fn fetch_members(urls: &[String]) -> Result<(u64, Vec<Member>), String> {
     use std::io::{Read, Write};
     let mut errors = Vec::new();
     for url in urls {
-        let addr = host_port(url);
+        let addr = crate::cluster::host_port(url);
         let attempt = || -> std::io::Result<HelloAck> {
             use std::net::ToSocketAddrs;
             let target = addr
