@@ -421,6 +421,13 @@ fn auto_promote_move_leader_and_restart_ignoring_initial_flags() {
         assert!(Instant::now() < deadline, "learner was not auto-promoted");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // member update: the same URL again goes through raft and is kept.
+    let line = member_line(&c, 0, "n4").unwrap();
+    let id4 = line.split(", ").next().unwrap().to_string();
+    let url4 = c.nodes[n4].peer_url();
+    let out = c.nodes[1].ok(&["member", "update", &id4, "--peer-urls", &url4]);
+    assert!(out.contains("updated in cluster"), "{out}");
+    assert!(member_line(&c, 2, "n4").unwrap().contains(&url4));
     // move-leader hands leadership to the named member.
     let leader = c.leader(Duration::from_secs(10)).expect("leader");
     let target = (leader + 1) % 4;

@@ -351,6 +351,14 @@ impl RaftActor {
     fn check_conf_change(&self, cc: &ConfChangeV2) -> Result<(), KvError> {
         use ::raft::eraftpb::ConfChangeType;
         let conf = self.node.raft.prs().conf();
+        // A peer URL update re-adds a member in its current role (a no-op for raft).
+        if let Ok(MemberChange::UpdatePeerUrls(id, _)) = postcard::from_bytes(cc.get_context()) {
+            return if conf.voters().contains(id) || conf.learners().contains(&id) {
+                Ok(())
+            } else {
+                Err(KvError::MemberNotFound)
+            };
+        }
         for c in cc.get_changes() {
             let id = c.node_id;
             let known = conf.voters().contains(id) || conf.learners().contains(&id);
