@@ -64,23 +64,4 @@ for w in "${workloads[@]}"; do
   # shellcheck disable=SC2086
   run corekv native "$(join "${ck_native[@]}")" $w
 done
-python3 - "$work/results.json" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-def cell(r):
-    return f"{r['qps']:,.0f}/s, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f}, max {r['max_ms']:.1f}" + (f" ({r['errors']} errors)" if r['errors'] else "")
-print("| workload (3 members) | clients / conns | etcd gRPC | corekv gRPC | ratio | corekv native | ratio |")
-print("|---|---|---|---|---|---|---|")
-keys = []
-for r in rows:
-    k = (r["workload"], r["clients"], r["conns"])
-    if k not in keys:
-        keys.append(k)
-for k in keys:
-    got = {(r["server"], r["api"]): r for r in rows if (r["workload"], r["clients"], r["conns"]) == k}
-    e, g, n = got.get(("etcd", "grpc")), got.get(("corekv", "grpc")), got.get(("corekv", "native"))
-    ratio = lambda x: f"{x['qps'] / e['qps']:.2f}×" if e and x else "-"
-    print(f"| {k[0]} | {k[1]} / {k[2]} | {cell(e) if e else '-'} | {cell(g)} | {ratio(g)} | {cell(n)} | {ratio(n)} |")
-print()
-print("Latencies in ms (hdrhistogram); ratio = req/s against etcd in this run.")
-PY
+python3 bench/ratio_table.py "$work/results.json" "workload (3 members)"

@@ -62,26 +62,7 @@ for w in "${workloads[@]}"; do
   # shellcheck disable=SC2086
   run corekv native "$ck_native" $w
 done
-python3 - "$work/results.json" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-def cell(r):
-    return f"{r['qps']:,.0f}/s, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f}, p99.9 {r['p999_ms']:.2f}, max {r['max_ms']:.1f}" + (f" ({r['errors']} errors)" if r['errors'] else "")
-print("| workload | clients / conns | etcd gRPC | corekv gRPC | ratio | corekv native | ratio |")
-print("|---|---|---|---|---|---|---|")
-keys = []
-for r in rows:
-    k = (r["workload"], r["clients"], r["conns"])
-    if k not in keys:
-        keys.append(k)
-for k in keys:
-    got = {(r["server"], r["api"]): r for r in rows if (r["workload"], r["clients"], r["conns"]) == k}
-    e, g, n = got.get(("etcd", "grpc")), got.get(("corekv", "grpc")), got.get(("corekv", "native"))
-    ratio = lambda x: f"{x['qps'] / e['qps']:.2f}×" if e and x else "-"
-    print(f"| {k[0]} | {k[1]} / {k[2]} | {cell(e) if e else '-'} | {cell(g)} | {ratio(g)} | {cell(n)} | {ratio(n)} |")
-print()
-print("Latencies in ms (hdrhistogram); ratio = req/s against etcd in this run.")
-PY
+python3 bench/ratio_table.py "$work/results.json"
 echo
 echo "corekv group commit (endpoint status -w json, wal):"
 "$bin/corekv" --endpoints "$ck_native" endpoint status -w json | python3 -c 'import json,sys; w=json.load(sys.stdin)[0]["Status"]["wal"]; print("%d entries in %d synced batches (avg %.1f, max %d per batch); sync p50 %d us, p99 %d us" % (w["entries"], w["batches"], w["entries"]/max(w["batches"],1), w["maxBatch"], w["fsyncP50Micros"], w["fsyncP99Micros"]))'
