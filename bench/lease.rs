@@ -1,40 +1,66 @@
-//! `corekv-bench lease-keepalive`: keepalive throughput over etcd's gRPC Lease API (works
-//! against etcd and corekv). Grants `--leases` leases, then `--streams` keepalive
-//! streams each send requests one at a time (request, wait for its answer) until
-//! `--total` keepalives are answered; reports keepalives/s and latency percentiles.
+//! `lease-keepalive`: keepalive throughput over etcd's gRPC Lease API (etcd and corekv
+//! alike). Grants `--leases` leases, then `--streams` keepalive streams each send
+//! requests one at a time (request, wait for its answer) until `--total` keepalives are
+//! answered; reports keepalives/s and latency percentiles.
 
-use super::new_histogram;
+use crate::record::{Outcome, Workload};
+use crate::{grpc_channel, new_histogram, stopped};
 use corekv::etcdpb::etcdserverpb as pb;
 use futures::StreamExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-#[derive(clap::Args, Clone)]
-pub struct KeepAliveLoad {
-    #[arg(long, default_value = "127.0.0.1:2379")]
-    endpoints: String,
+#[derive(clap::Args, Clone, Debug)]
+pub struct KeepAliveArgs {
     #[arg(long, default_value_t = 100)]
-    leases: u64,
+    pub leases: u64,
     #[arg(long, default_value_t = 10)]
-    streams: u64,
+    pub streams: u64,
     #[arg(long, default_value_t = 100_000)]
-    total: u64,
-    #[arg(long)]
-    json: bool,
+    pub total: u64,
 }
 
-pub fn run(l: KeepAliveLoad) -> Result<(), String> {
-    assert!(l.streams >= 1 && l.leases >= 1);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(run_async(l))
+#[derive(Clone, Debug)]
+pub struct KeepAliveWorkload {
+    pub args: KeepAliveArgs,
 }
 
-async fn run_async(l: KeepAliveLoad) -> Result<(), String> {
+pub fn workload(args: KeepAliveArgs) -> Workload {
+    Workload::Lease(KeepAliveWorkload { args })
+}
+
+impl KeepAliveWorkload {
+    pub fn label(&self) -> String {
+        format!("lease-keepalive, {} streams", self.args.streams)
+    }
+
+    pub fn params(&self) -> serde_json::Value {
+        let a = &self.args;
+        serde_json::json!({"leases": a.leases, "streams": a.streams, "total": a.total})
+    }
+
+    pub fn total(&self) -> u64 {
+        self.args.total
+    }
+
+    pub fn run(&self, endpoints: &str, done: &Arc<AtomicU64>) -> Result<Outcome, String> {
+        let a = &self.args;
+        if a.streams == 0 || a.leases == 0 {
+            return Err("--streams and --leases must be at least 1".into());
+        }
+        let rt = crate::tokio_runtime()?;
+        rt.block_on(run_async(
+            a.clone(),
+            crate::grpc_url_n(endpoints, 0),
+            done.clone(),
+        ))
+    }
+}
+
+async fn run_async(l: KeepAliveArgs, url: String, done: Arc<AtomicU64>) -> Result<Outcome, String> {
     use pb::lease_client::LeaseClient;
-    let url = super::grpc_url(&l.endpoints);
-    let ch = super::watch::channel(&url).await?;
+    let ch = grpc_channel(&url).await?;
     let mut client = LeaseClient::new(ch.clone());
     let mut ids = Vec::new();
     for _ in 0..l.leases {
@@ -56,6 +82,7 @@ async fn run_async(l: KeepAliveLoad) -> Result<(), String> {
             .collect();
         let mine = if mine.is_empty() { vec![ids[0]] } else { mine };
         let mut client = LeaseClient::new(ch.clone());
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::LeaseKeepAliveRequest>(1);
             // grpc-go answers headers with the first response: queue one request first.
@@ -70,6 +97,9 @@ async fn run_async(l: KeepAliveLoad) -> Result<(), String> {
             let mut h = new_histogram();
             let mut sent_at = Instant::now();
             for i in 0..n {
+                if stopped() {
+                    break;
+                }
                 if i > 0 {
                     sent_at = Instant::now();
                     let id = mine[i as usize % mine.len()];
@@ -80,6 +110,7 @@ async fn run_async(l: KeepAliveLoad) -> Result<(), String> {
                 match answers.next().await {
                     Some(Ok(r)) if r.ttl > 0 => {
                         let _ = h.record((sent_at.elapsed().as_micros() as u64).max(1));
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
                     other => return Err(format!("keepalive answer: {other:?}")),
                 }
@@ -92,26 +123,17 @@ async fn run_async(l: KeepAliveLoad) -> Result<(), String> {
         all.add(&t.await.map_err(|e| e.to_string())??)
             .map_err(|e| e.to_string())?;
     }
-    let secs = started.elapsed().as_secs_f64();
-    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
-    let rate = all.len() as f64 / secs;
-    if l.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "workload": "lease-keepalive", "leases": l.leases, "streams": l.streams,
-                "ok": all.len(), "seconds": secs, "per_s": rate,
-                "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": all.max() as f64 / 1000.0,
-            })
-        );
-    } else {
-        println!(
-            "lease-keepalive leases={} streams={} ok={} {rate:.0} keepalives/s  p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
-            l.leases, l.streams, all.len(), ms(0.5), ms(0.99), ms(0.999), all.max() as f64 / 1000.0
-        );
-    }
+    let seconds = started.elapsed().as_secs_f64();
     for id in ids {
         let _ = client.lease_revoke(pb::LeaseRevokeRequest { id }).await;
     }
-    Ok(())
+    Ok(Outcome {
+        ok: all.len(),
+        errors: 0,
+        first_error: None,
+        per_s: all.len() as f64 / seconds.max(1e-9),
+        seconds,
+        hist: all,
+        extra: serde_json::Value::Null,
+    })
 }

@@ -1,11 +1,13 @@
-//! `corekv-bench watch`: fan-out over etcd's gRPC Watch API, so the same run drives etcd
-//! and corekv. `--watchers` watches on one key spread over `--streams` streams (and
+//! `watch` and `watch-latency`: fan-out over etcd's gRPC Watch API, so the same run drives
+//! etcd and corekv. `--watchers` watches on one key spread over `--streams` streams (and
 //! `--conns` connections); `--put-clients` write that key `--puts` times in total with
-//! the send time in the value. Reports events/s (events received / time from the first
-//! put to the last event), put→event latency percentiles (hdrhistogram), and, given
-//! `--server-pid`, the server's RSS growth per watcher.
+//! the send time in the value, as fast as they go (`watch`) or at `--put-rate` per second
+//! (`watch-latency`, etcd's regime). Reports events/s (events received / time from the
+//! first put to the last event), put→event latency percentiles (hdrhistogram), and the
+//! server's RSS growth per watcher.
 
-use super::new_histogram;
+use crate::record::{rss_bytes, Outcome};
+use crate::{grpc_channel, new_histogram, stopped};
 use corekv::etcdpb::etcdserverpb as pb;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -13,65 +15,110 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(clap::Args, Clone)]
-pub struct WatchLoad {
-    #[arg(long, default_value = "127.0.0.1:2379")]
-    endpoints: String,
+#[derive(clap::Args, Clone, Debug)]
+pub struct WatchArgs {
     #[arg(long, default_value_t = 1000)]
-    watchers: u64,
+    pub watchers: u64,
     #[arg(long, default_value_t = 10)]
-    streams: u64,
+    pub streams: u64,
     #[arg(long, default_value_t = 10)]
-    conns: u64,
+    pub conns: u64,
     #[arg(long, default_value_t = 10)]
-    put_clients: u64,
+    pub put_clients: u64,
     #[arg(long, default_value_t = 2000)]
-    puts: u64,
-    /// Puts per second over all writers (0 = as fast as they go), as etcd's
-    /// `benchmark watch-latency --put-rate`.
-    #[arg(long, default_value_t = 0)]
+    pub puts: u64,
+    /// Puts per second over all writers (watch: 0 = as fast as they go; watch-latency:
+    /// default 100, as etcd's `benchmark watch-latency --put-rate`).
+    #[arg(long, alias = "rate")]
+    pub put_rate: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WatchWorkload {
+    pub args: WatchArgs,
+    /// watch-latency: paced puts.
+    pub latency: bool,
+}
+
+pub fn workload(args: WatchArgs, latency: bool) -> crate::record::Workload {
+    crate::record::Workload::Watch(WatchWorkload { args, latency })
+}
+
+/// Events not delivered within this long after the last put count as lost.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl WatchWorkload {
+    pub fn name(&self) -> &'static str {
+        if self.latency {
+            "watch-latency"
+        } else {
+            "watch"
+        }
+    }
+
+    fn rate(&self) -> u64 {
+        match (self.args.put_rate, self.latency) {
+            (Some(r), _) => r,
+            (None, true) => 100,
+            (None, false) => 0,
+        }
+    }
+
+    pub fn label(&self) -> String {
+        let rate = match self.rate() {
+            0 => String::new(),
+            r => format!(", {r} puts/s"),
+        };
+        format!("{}, {} watchers{rate}", self.name(), self.args.watchers)
+    }
+
+    pub fn params(&self) -> serde_json::Value {
+        let a = &self.args;
+        serde_json::json!({"watchers": a.watchers, "streams": a.streams, "conns": a.conns,
+            "put_clients": a.put_clients, "puts": a.puts, "rate": self.rate()})
+    }
+
+    pub fn expected_events(&self) -> u64 {
+        self.args.watchers * self.args.puts
+    }
+
+    pub fn run(
+        &self,
+        endpoints: &str,
+        server_pid: Option<u32>,
+        done: &Arc<AtomicU64>,
+    ) -> Result<Outcome, String> {
+        let a = &self.args;
+        if a.streams == 0 || a.watchers < a.streams || a.conns == 0 || a.put_clients == 0 {
+            return Err(
+                "need 1 <= --streams <= --watchers, --conns >= 1, --put-clients >= 1".into(),
+            );
+        }
+        let rt = crate::tokio_runtime()?;
+        rt.block_on(run_async(
+            a.clone(),
+            self.rate(),
+            crate::grpc_url_n(endpoints, 0),
+            server_pid,
+            done.clone(),
+        ))
+    }
+}
+
+async fn run_async(
+    w: WatchArgs,
     rate: u64,
-    /// Server process to sample VmRSS from (memory per watcher).
-    #[arg(long)]
+    url: String,
     server_pid: Option<u32>,
-    #[arg(long)]
-    json: bool,
-}
-
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-pub(super) async fn channel(url: &str) -> Result<tonic::transport::Channel, String> {
-    tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("dial {url}: {e}"))
-}
-
-pub fn run(w: WatchLoad) -> Result<(), String> {
-    assert!(w.streams >= 1 && w.watchers >= w.streams);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(run_async(w))
-}
-
-async fn run_async(w: WatchLoad) -> Result<(), String> {
+    done: Arc<AtomicU64>,
+) -> Result<Outcome, String> {
     use pb::watch_client::WatchClient;
-    let url = super::grpc_url(&w.endpoints);
     let key = b"corekv-bench-watch".to_vec();
     let epoch = Instant::now();
-    let rss_before = w.server_pid.and_then(rss_bytes);
+    let rss_before = server_pid.and_then(rss_bytes);
     let mut conns = Vec::new();
     for _ in 0..w.conns.max(1) {
-        conns.push(channel(&url).await?);
+        conns.push(grpc_channel(&url).await?);
     }
     let expected_events = w.watchers * w.puts;
     let received = Arc::new(AtomicU64::new(0));
@@ -102,7 +149,7 @@ async fn run_async(w: WatchLoad) -> Result<(), String> {
             .into_inner();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         created.push(ready_rx);
-        let (received, last) = (received.clone(), last_event_ns.clone());
+        let (received, last, done) = (received.clone(), last_event_ns.clone(), done.clone());
         readers.push(tokio::spawn(async move {
             let _keep_open = tx;
             let mut h = new_histogram();
@@ -130,6 +177,7 @@ async fn run_async(w: WatchLoad) -> Result<(), String> {
                 }
                 mine += resp.events.len() as u64;
                 received.fetch_add(resp.events.len() as u64, Ordering::Relaxed);
+                done.fetch_add(resp.events.len() as u64, Ordering::Relaxed);
                 last.fetch_max(now, Ordering::Relaxed);
                 if mine >= n * w.puts {
                     break;
@@ -142,19 +190,22 @@ async fn run_async(w: WatchLoad) -> Result<(), String> {
         c.await
             .map_err(|_| "watch stream ended before all watches were created")?;
     }
-    let rss_after = w.server_pid.and_then(rss_bytes);
+    let rss_after = server_pid.and_then(rss_bytes);
     // Writers: `put_clients` sequential loops over their own connection.
     let first_put_ns = epoch.elapsed().as_nanos() as u64;
     let mut writers = Vec::new();
     for p in 0..w.put_clients.max(1) {
         let n = w.puts / w.put_clients.max(1) + u64::from(p < w.puts % w.put_clients.max(1));
-        let ch = channel(&url).await?;
+        let ch = grpc_channel(&url).await?;
         let key = key.clone();
-        let per_writer_rate = w.rate as f64 / w.put_clients.max(1) as f64;
+        let per_writer_rate = rate as f64 / w.put_clients.max(1) as f64;
         writers.push(tokio::spawn(async move {
             let mut kv = pb::kv_client::KvClient::new(ch);
             let start = tokio::time::Instant::now();
             for i in 0..n {
+                if stopped() {
+                    break;
+                }
                 if per_writer_rate > 0.0 {
                     let due = start + Duration::from_secs_f64(i as f64 / per_writer_rate);
                     tokio::time::sleep_until(due).await;
@@ -178,8 +229,11 @@ async fn run_async(w: WatchLoad) -> Result<(), String> {
             return Err("put failed".into());
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while received.load(Ordering::Relaxed) < expected_events && Instant::now() < deadline {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while received.load(Ordering::Relaxed) < expected_events
+        && Instant::now() < deadline
+        && !stopped()
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut all: Histogram<u64> = new_histogram();
@@ -201,26 +255,17 @@ async fn run_async(w: WatchLoad) -> Result<(), String> {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / w.watchers as f64),
         _ => None,
     };
-    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
-    if w.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "workload": "watch", "watchers": w.watchers, "streams": w.streams, "puts": w.puts, "rate": w.rate,
-                "events": got, "expected": expected_events, "seconds": secs, "events_per_s": ev_per_s,
-                "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
-                "max_ms": all.max() as f64 / 1000.0, "rss_bytes_per_watcher": per_watcher,
-            })
-        );
-    } else {
-        println!(
-            "watch watchers={} streams={} events={got}/{expected_events} {ev_per_s:.0} events/s  p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms  rss/watcher {}",
-            w.watchers, w.streams, ms(0.5), ms(0.99), ms(0.999), all.max() as f64 / 1000.0,
-            per_watcher.map_or("n/a".to_string(), |b| format!("{b:.0} B"))
-        );
-    }
-    if got < expected_events {
-        return Err(format!("lost events: received {got} of {expected_events}"));
-    }
-    Ok(())
+    let lost = expected_events.saturating_sub(got);
+    Ok(Outcome {
+        ok: all.len(),
+        errors: if stopped() { 0 } else { lost },
+        first_error: (lost > 0 && !stopped())
+            .then(|| format!("lost events: received {got} of {expected_events}")),
+        seconds: secs,
+        per_s: ev_per_s,
+        hist: all,
+        extra: serde_json::json!({
+            "events": got, "expected": expected_events, "rss_bytes_per_watcher": per_watcher,
+        }),
+    })
 }

@@ -1,0 +1,263 @@
+//! `--spawn 1|3`: fresh etcd and corekv deployments on loopback, started and stopped by
+//! the tool. Children die with the tool (PR_SET_PDEATHSIG) even if it is killed; on a
+//! normal end or Ctrl-C they are killed and their data directories removed in `Drop`.
+
+use crate::record::{Place, Target};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Clone)]
+pub struct SpawnArgs {
+    /// corekv binary (default: `corekv` beside this binary).
+    #[arg(long)]
+    pub corekv_bin: Option<PathBuf>,
+    #[arg(long, default_value = "etcd")]
+    pub etcd_bin: String,
+    /// Extra `corekv serve` flags, space-separated (3 members default to "--cores 1":
+    /// six shards on two cores fight over them).
+    #[arg(long, allow_hyphen_values = true)]
+    pub corekv_args: Option<String>,
+    /// Extra etcd flags, space-separated.
+    #[arg(long, allow_hyphen_values = true)]
+    pub etcd_args: Option<String>,
+    /// Where data directories go (default: the system temp dir).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+impl SpawnArgs {
+    pub fn corekv_flags(&self, members: u8) -> String {
+        match &self.corekv_args {
+            Some(a) => a.clone(),
+            None if members > 1 => "--cores 1".into(),
+            None => String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum System {
+    Etcd,
+    Corekv,
+}
+
+/// Member startup budget: etcd elects within ~1 s, corekv within its election timeout.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Deployment {
+    pub system: System,
+    pub grpc: Vec<String>,
+    pub native: Vec<String>,
+    pub flags: String,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+impl Deployment {
+    pub fn start(system: System, members: u8, args: &SpawnArgs) -> Result<Deployment, String> {
+        assert!((1..=3).contains(&members), "clap bounds --spawn");
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = match system {
+            System::Etcd => "etcd",
+            System::Corekv => "corekv",
+        };
+        let dir = args
+            .work_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir)
+            .join(format!(
+                "corekv-bench-{}-{name}-{stamp}",
+                std::process::id()
+            ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let flags = match system {
+            System::Etcd => args.etcd_args.clone().unwrap_or_default(),
+            System::Corekv => args.corekv_flags(members),
+        };
+        let mut d = Deployment {
+            system,
+            grpc: Vec::new(),
+            native: Vec::new(),
+            flags,
+            children: Vec::new(),
+            dir,
+        };
+        let mut peers = Vec::new();
+        for i in 0..members {
+            peers.push((format!("{name}{}", i + 1), free_port()?));
+        }
+        let cluster: Vec<String> = peers
+            .iter()
+            .map(|(n, p)| format!("{n}=http://127.0.0.1:{p}"))
+            .collect();
+        let cluster = cluster.join(",");
+        for (member, peer_port) in &peers {
+            let client = format!("127.0.0.1:{}", free_port()?);
+            let peer = format!("http://127.0.0.1:{peer_port}");
+            let data = d.dir.join(member);
+            let mut cmd = match system {
+                System::Etcd => Command::new(&args.etcd_bin),
+                System::Corekv => Command::new(corekv_bin(args)?),
+            };
+            if system == System::Corekv {
+                cmd.arg("serve");
+                let native = format!("127.0.0.1:{}", free_port()?);
+                cmd.args(["--listen-native-urls", &format!("http://{native}")]);
+                d.native.push(native);
+            }
+            cmd.args(["--name", member])
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["--listen-client-urls", &format!("http://{client}")])
+                .args(["--advertise-client-urls", &format!("http://{client}")])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &cluster])
+                .args(d.flags.split_whitespace());
+            let log = std::fs::File::create(d.dir.join(format!("{member}.log")))
+                .map_err(|e| e.to_string())?;
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log);
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd
+                .spawn()
+                .map_err(|e| format!("start {name} ({:?}): {e}", cmd.get_program()))?;
+            d.children.push(child);
+            d.grpc.push(client);
+        }
+        // The harness test reads this line to check that every process goes away.
+        eprintln!(
+            "spawned {name}: pids {:?}, data in {}",
+            d.pids(),
+            d.dir.display()
+        );
+        d.wait_ready()?;
+        assert_eq!(d.grpc.len(), members as usize);
+        Ok(d)
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    /// How the load generator reaches `target` on this deployment.
+    pub fn place(&self, target: Target) -> Place {
+        assert_eq!(target.system(), self.system);
+        Place {
+            target,
+            endpoints: if target.is_native() {
+                self.native.join(",")
+            } else {
+                self.grpc.join(",")
+            },
+            pids: self.pids(),
+            native_status: self.native.clone(),
+            etcd_metrics: if self.system == System::Etcd {
+                self.grpc.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Every member accepts a put (a leader is elected and known to all).
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let rt = crate::tokio_runtime()?;
+        for (i, ep) in self.grpc.clone().iter().enumerate() {
+            loop {
+                if let Ok(Some(status)) = self.children[i].try_wait() {
+                    return Err(format!(
+                        "{:?} member {} exited ({status}): {}",
+                        self.system,
+                        i + 1,
+                        self.log_tail(i)
+                    ));
+                }
+                let url = crate::grpc_url_n(ep, 0);
+                let ok = rt.block_on(async {
+                    let Ok(ch) = crate::grpc_channel(&url).await else {
+                        return false;
+                    };
+                    let mut kv = corekv::etcdpb::etcdserverpb::kv_client::KvClient::new(ch);
+                    let put = corekv::etcdpb::etcdserverpb::PutRequest {
+                        key: b"corekv-bench-probe".to_vec(),
+                        value: b"ready".to_vec(),
+                        ..Default::default()
+                    };
+                    tokio::time::timeout(Duration::from_secs(2), kv.put(put))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                });
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{:?} member {} not ready after {READY_TIMEOUT:?}: {}",
+                        self.system,
+                        i + 1,
+                        self.log_tail(i)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self, i: usize) -> String {
+        let prefix = match self.system {
+            System::Etcd => "etcd",
+            System::Corekv => "corekv",
+        };
+        let path = self.dir.join(format!("{prefix}{}.log", i + 1));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn corekv_bin(args: &SpawnArgs) -> Result<PathBuf, String> {
+    if let Some(p) = &args.corekv_bin {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = me.with_file_name("corekv");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: build it (cargo build --release) or pass --corekv-bin",
+            bin.display()
+        ))
+    }
+}
