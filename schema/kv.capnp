@@ -262,4 +262,6 @@ interface Kv {
   memberUpdate @23 (id :UInt64, peerUrls :List(Text)) -> (header :ResponseHeader, members :List(Member));
   memberPromote @24 (id :UInt64) -> (header :ResponseHeader, members :List(Member));
   moveLeader @25 (target :UInt64) -> (header :ResponseHeader);
+  # etcd's HashKV at a revision (0 = current); compactRevision -1 = never compacted.
+  hashKv @26 (revision :Int64) -> (header :ResponseHeader, hash :UInt32, compactRevision :Int64);
 }

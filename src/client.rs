@@ -361,6 +361,19 @@ impl Client {
         header_of(resp.get().map_err(from_capnp)?.get_header())
     }
 
+    /// etcd's HashKV at `revision` (0 = current): (header, hash, compact revision).
+    pub async fn hash_kv(&self, revision: i64) -> Result<(Header, u32, i64), KvError> {
+        let mut req = self.kv.hash_kv_request();
+        req.get().set_revision(revision);
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        let r = resp.get().map_err(from_capnp)?;
+        Ok((
+            header_of(r.get_header())?,
+            r.get_hash(),
+            r.get_compact_revision(),
+        ))
+    }
+
     /// Each leader of `name` (and each change of its value) as a one-event response.
     pub fn observe(&self, name: &[u8]) -> Watch {
         let (tx, rx) = futures::channel::mpsc::channel(WATCH_CLIENT_BUFFER);

@@ -57,6 +57,18 @@ fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
     for dir in [cfg.snap_dir(), cfg.wal_path(), cfg.db_path()] {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
+    // Copies made for clients' snapshot downloads that a crash left behind.
+    if let Ok(rd) = std::fs::read_dir(cfg.snap_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name
+                .to_str()
+                .is_some_and(|n| n.starts_with(crate::storage::snapshot::CLIENT_COPY_PREFIX))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     // The map only reserves address space; twice the quota leaves room past the alarm.
     let map_size = cfg.quota_backend_bytes.saturating_mul(2).max(64 << 20);
     let backend = Backend::open(&cfg.db_path(), map_size as usize).map_err(|e| e.to_string())?;
@@ -431,6 +443,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             request_timeout,
             min_lease_ttl_secs: cfg.min_lease_ttl_secs(),
             watch_progress_interval: cfg.watch_progress_notify_interval,
+            snap_dir: cfg.snap_dir(),
         };
         // Endpoints of the actors placed on this shard.
         let raft = if i == cfg.raft_shard {

@@ -178,6 +178,31 @@ fn txn_compact_status_and_alarm_verbs() {
     assert!(status["wal"]["batches"].as_u64().unwrap() >= 1, "{js}");
     assert!(status["wal"]["entries"].as_u64().unwrap() >= 4, "{js}");
 
+    // etcd's HashKV, in etcdctl's three formats; a compacted or future revision fails.
+    let simple = s.ok(&["endpoint", "hashkv"]);
+    let (ep, hash) = simple.trim_end().split_once(", ").unwrap();
+    assert_eq!(ep, s.endpoint());
+    let hash: u32 = hash.parse().unwrap();
+    let js = json(&s.ok(&["endpoint", "hashkv", "-w", "json"]));
+    assert_eq!(js[0]["HashKV"]["hash"], hash);
+    assert_eq!(js[0]["HashKV"]["compact_revision"], 3);
+    let table = s.ok(&["endpoint", "hashkv", "-w", "table"]);
+    assert!(
+        table.contains(" ENDPOINT ") && table.contains(" HASH "),
+        "{table}"
+    );
+    assert!(table.contains(&hash.to_string()), "{table}");
+    // A later write changes the current hash, not the hash of history up to 4.
+    s.ok(&["put", "k3", "later"]);
+    assert_eq!(s.ok(&["endpoint", "hashkv", "--rev", "4"]), simple);
+    assert_ne!(s.ok(&["endpoint", "hashkv"]), simple);
+    assert!(s
+        .fails(&["endpoint", "hashkv", "--rev", "2"])
+        .contains("etcdserver: mvcc: required revision has been compacted"));
+    assert!(s
+        .fails(&["endpoint", "hashkv", "--rev", "100000"])
+        .contains("etcdserver: mvcc: required revision is a future revision"));
+
     assert_eq!(s.ok(&["alarm", "list"]), "");
     assert_eq!(s.ok(&["alarm", "disarm"]), "");
 }

@@ -234,8 +234,15 @@ fn lagging_follower_catches_up_by_snapshot() {
         "no snapshot was installed:\n{log}"
     );
     // It keeps up afterwards, and a restart recovers from the snapshot plus its log.
-    c.nodes[leader].ok(&["put", "after", "snap"]);
+    let put = c.nodes[leader].ok(&["put", "after", "snap", "-w", "json"]);
+    let rev = common::json(&put)["header"]["revision"].to_string();
     assert_on_all(&c, &[lag], "after", "snap");
+    // The snapshot carried the history exactly: etcd's HashKV agrees across members.
+    let hash = |i: usize| {
+        let out = c.nodes[i].ok(&["endpoint", "hashkv", "--rev", &rev]);
+        out.trim().rsplit(", ").next().unwrap().to_string()
+    };
+    assert_eq!(hash(lag), hash(leader));
     c.nodes[lag].kill9();
     c.nodes[lag].start();
     c.wait_ready(lag);

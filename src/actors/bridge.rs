@@ -36,6 +36,9 @@ pub enum BridgeRequest {
     Write(WriteRequest, Reply<(Header, WriteResponse)>),
     Alarm(AlarmRequest, Reply<(Header, Vec<AlarmMember>)>),
     Status(Reply<(Header, Status)>),
+    HashKv(i64, Reply<(Header, crate::storage::mvcc::KvHash)>),
+    Hash(Reply<(Header, u32)>),
+    Snapshot(Reply<(Header, std::path::PathBuf)>),
     LeaseGrant(i64, i64, Reply<(Header, i64, i64)>),
     LeaseRevoke(i64, Reply<Header>),
     LeaseKeepAlive(i64, Reply<(Header, i64)>),
@@ -104,6 +107,15 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 }
                 BridgeRequest::Status(tx) => {
                     let _ = tx.send(shard.status().await);
+                }
+                BridgeRequest::HashKv(rev, tx) => {
+                    let _ = tx.send(shard.hash_kv(rev).await);
+                }
+                BridgeRequest::Hash(tx) => {
+                    let _ = tx.send(shard.hash_all().await);
+                }
+                BridgeRequest::Snapshot(tx) => {
+                    let _ = tx.send(shard.snapshot_copy().await);
                 }
                 BridgeRequest::LeaseGrant(id, ttl, tx) => {
                     let _ = tx.send(shard.lease_grant(id, ttl).await);

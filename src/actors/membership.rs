@@ -16,6 +16,7 @@ impl Shard {
         let txn = self.backend.read_txn()?;
         let mut members = crate::cluster::load_members(&self.backend, &txn)?;
         members.sort_by_key(|m| m.id); // etcd lists members by ID
+        self.observe_term(&txn)?;
         Ok((self.header(0), members))
     }
 
@@ -163,7 +164,12 @@ impl Shard {
             .call(id, ToRaft::ConfChange { id, context, cc })
             .await?
         {
-            Reply::Written(h, Ok(WriteResponse::Members(list))) => Ok((h, list)),
+            // etcd's Cluster responses carry no revision (membership is not in the MVCC)
+            // and list members by ID.
+            Reply::Written(h, Ok(WriteResponse::Members(mut list))) => {
+                list.sort_by_key(|m| m.id);
+                Ok((Header { revision: 0, ..h }, list))
+            }
             Reply::Written(_, Err(e)) | Reply::Failed(e) => Err(e),
             _ => Err(KvError::Internal(
                 "unexpected reply to a member change".into(),

@@ -45,6 +45,8 @@ pub struct NetSettings {
     /// etcd's minimum lease TTL: 1.5 election timeouts, in whole seconds.
     pub min_lease_ttl_secs: i64,
     pub watch_progress_interval: Duration,
+    /// Where copies for Maintenance.Snapshot are written before they are streamed.
+    pub snap_dir: std::path::PathBuf,
 }
 
 pub struct Shard {
@@ -264,7 +266,7 @@ impl Shard {
     }
 
     /// Reads see at least the term of the last applied entry.
-    fn observe_term(&self, txn: &heed::RoTxn) -> Result<(), KvError> {
+    pub(super) fn observe_term(&self, txn: &heed::RoTxn) -> Result<(), KvError> {
         let applied_term = self
             .backend
             .get_u64(txn, crate::storage::backend::meta_key::APPLIED_TERM)?;
@@ -461,6 +463,36 @@ impl Shard {
             LeaseReply::Leases(ids) => Ok((self.current_header()?, ids)),
             _ => Err(KvError::Internal("unexpected lease list reply".into())),
         }
+    }
+
+    /// etcd's HashKV at `rev` (0 = current), scanned on the blocking pool.
+    pub async fn hash_kv(&self, rev: i64) -> Result<(Header, mvcc::KvHash), KvError> {
+        let backend = self.backend.clone();
+        let h = glommio::executor()
+            .spawn_blocking(move || mvcc::hash_kv(&backend, rev))
+            .await?;
+        Ok((self.header(h.current_revision), h))
+    }
+
+    /// A consistent copy of the state for Maintenance.Snapshot (made on the blocking
+    /// pool); the caller streams and deletes the file.
+    pub async fn snapshot_copy(&self) -> Result<(Header, std::path::PathBuf), KvError> {
+        let backend = self.backend.clone();
+        let dir = self.settings.snap_dir.clone();
+        let path = glommio::executor()
+            .spawn_blocking(move || crate::storage::snapshot::save_copy(&backend, &dir))
+            .await
+            .map_err(KvError::Internal)?;
+        Ok((self.current_header()?, path))
+    }
+
+    /// Maintenance.Hash over the replicated tables, on the blocking pool.
+    pub async fn hash_all(&self) -> Result<(Header, u32), KvError> {
+        let backend = self.backend.clone();
+        let h = glommio::executor()
+            .spawn_blocking(move || mvcc::hash_all(&backend))
+            .await?;
+        Ok((self.current_header()?, h))
     }
 
     pub async fn status(&self) -> Result<(Header, Status), KvError> {
@@ -930,6 +962,21 @@ impl kv::Server for KvService {
         let target = params.get()?.get_target();
         let h = self.shard.move_leader(target).await.map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
+        Ok(())
+    }
+
+    async fn hash_kv(
+        self: Rc<Self>,
+        params: kv::HashKvParams,
+        mut results: kv::HashKvResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let rev = params.get()?.get_revision();
+        let (h, kh) = self.shard.hash_kv(rev).await.map_err(to_capnp)?;
+        let mut r = results.get();
+        native::write_header(r.reborrow().init_header(), &h);
+        r.set_hash(kh.hash);
+        r.set_compact_revision(kh.compact_revision);
         Ok(())
     }
 

@@ -232,8 +232,7 @@ impl RaftActor {
                 if !self.leading {
                     self.reply(vec![id], KvError::NotLeader).await;
                 } else if !self.node.raft.prs().conf().voters().contains(to) {
-                    self.reply(vec![id], KvError::Internal("bad leader transferee".into()))
-                        .await;
+                    self.reply(vec![id], KvError::BadLeaderTransferee).await;
                 } else {
                     self.node.transfer_leader(to);
                     self.transfers.push((id, to, self.ticks));

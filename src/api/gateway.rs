@@ -1,5 +1,6 @@
 //! etcd's HTTP/JSON gateway (grpc-gateway) on the gRPC port: POST /v3/kv/*,
-//! /v3/maintenance/{status,alarm}, /v3/cluster/member/list, and GET /health, /version.
+//! /v3/maintenance/{status,alarm,hash,hashkv,transfer-leadership},
+//! /v3/cluster/member/{list,add,remove,update,promote}, and GET /health, /version.
 //! Requests are decoded from JSON the way grpc-gateway does (snake_case or camelCase
 //! names, 64-bit integers as numbers or strings, bytes as base64), handed to the same
 //! service methods the gRPC server uses, and answered in etcd's JSON: original field
@@ -30,7 +31,14 @@ pub fn router(g: Gateway) -> axum::Router {
         .route("/v3/kv/compaction", post(compaction))
         .route("/v3/maintenance/status", post(status))
         .route("/v3/maintenance/alarm", post(alarm))
+        .route("/v3/maintenance/hash", post(hash))
+        .route("/v3/maintenance/hashkv", post(hash_kv))
         .route("/v3/cluster/member/list", post(member_list))
+        .route("/v3/cluster/member/add", post(member_add))
+        .route("/v3/cluster/member/remove", post(member_remove))
+        .route("/v3/cluster/member/update", post(member_update))
+        .route("/v3/cluster/member/promote", post(member_promote))
+        .route("/v3/maintenance/transfer-leadership", post(move_leader))
         .merge(super::gateway_stream::routes())
         .route("/health", get(health))
         .route("/version", get(version))
@@ -467,6 +475,43 @@ async fn status(State(g): State<Gateway>) -> Response {
     }
 }
 
+async fn hash(State(g): State<Gateway>) -> Response {
+    match Maintenance::hash(&g, tonic::Request::new(pb::HashRequest {})).await {
+        Ok(r) => {
+            let mut o = Obj::new();
+            header_json(&mut o, &r.get_ref().header);
+            put_nz(&mut o, "hash", json!(r.get_ref().hash));
+            ok(Value::Object(o))
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn hash_kv(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(pb::HashKvRequest {
+            revision: int(&m, "revision")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Maintenance::hash_kv(&g, tonic::Request::new(req)).await {
+        Ok(r) => {
+            let mut o = Obj::new();
+            header_json(&mut o, &r.get_ref().header);
+            put_nz(&mut o, "hash", json!(r.get_ref().hash));
+            put_nz(
+                &mut o,
+                "compact_revision",
+                s64(r.get_ref().compact_revision),
+            );
+            ok(Value::Object(o))
+        }
+        Err(e) => error(e),
+    }
+}
+
 async fn alarm(State(g): State<Gateway>, body: Bytes) -> Response {
     const ALARMS: [&str; 3] = ["NONE", "NOSPACE", "CORRUPT"];
     let req = match parse(&body).and_then(|m| {
@@ -499,26 +544,134 @@ async fn alarm(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
+fn member_json(m: &pb::Member) -> Value {
+    let mut e = Obj::new();
+    put_nz(&mut e, "ID", s64(m.id));
+    put_nz(&mut e, "name", Value::String(m.name.clone()));
+    put_nz(&mut e, "peerURLs", json!(m.peer_ur_ls));
+    put_nz(&mut e, "clientURLs", json!(m.client_ur_ls));
+    put_nz(&mut e, "isLearner", Value::Bool(m.is_learner));
+    Value::Object(e)
+}
+
+/// A member response: header, the member it concerns (add), the members after it.
+fn members_json(
+    header: &Option<pb::ResponseHeader>,
+    member: Option<&pb::Member>,
+    members: &[pb::Member],
+) -> Response {
+    let mut o = Obj::new();
+    header_json(&mut o, header);
+    if let Some(m) = member {
+        o.insert("member".into(), member_json(m));
+    }
+    put_nz(
+        &mut o,
+        "members",
+        Value::Array(members.iter().map(member_json).collect()),
+    );
+    ok(Value::Object(o))
+}
+
+fn strings(m: &Obj, name: &str) -> Result<Vec<String>, tonic::Status> {
+    match field(m, name) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(bad(format!("{name}: expected strings"))),
+            })
+            .collect(),
+        Some(_) => Err(bad(format!("{name}: expected a list of strings"))),
+    }
+}
+
 async fn member_list(State(g): State<Gateway>) -> Response {
     match Cluster::member_list(&g, tonic::Request::new(pb::MemberListRequest::default())).await {
+        Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
+        Err(e) => error(e),
+    }
+}
+
+async fn member_add(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(pb::MemberAddRequest {
+            peer_ur_ls: strings(&m, "peerURLs")?,
+            is_learner: boolean(&m, "isLearner")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Cluster::member_add(&g, tonic::Request::new(req)).await {
+        Ok(r) => {
+            let r = r.get_ref();
+            members_json(&r.header, r.member.as_ref(), &r.members)
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn member_remove(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(pb::MemberRemoveRequest {
+            id: uint(&m, "ID")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Cluster::member_remove(&g, tonic::Request::new(req)).await {
+        Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
+        Err(e) => error(e),
+    }
+}
+
+async fn member_update(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(pb::MemberUpdateRequest {
+            id: uint(&m, "ID")?,
+            peer_ur_ls: strings(&m, "peerURLs")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Cluster::member_update(&g, tonic::Request::new(req)).await {
+        Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
+        Err(e) => error(e),
+    }
+}
+
+async fn member_promote(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(pb::MemberPromoteRequest {
+            id: uint(&m, "ID")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Cluster::member_promote(&g, tonic::Request::new(req)).await {
+        Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
+        Err(e) => error(e),
+    }
+}
+
+async fn move_leader(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(pb::MoveLeaderRequest {
+            target_id: uint(&m, "targetID")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Maintenance::move_leader(&g, tonic::Request::new(req)).await {
         Ok(r) => {
             let mut o = Obj::new();
             header_json(&mut o, &r.get_ref().header);
-            let members = r
-                .get_ref()
-                .members
-                .iter()
-                .map(|m| {
-                    let mut e = Obj::new();
-                    put_nz(&mut e, "ID", s64(m.id));
-                    put_nz(&mut e, "name", Value::String(m.name.clone()));
-                    put_nz(&mut e, "peerURLs", json!(m.peer_ur_ls));
-                    put_nz(&mut e, "clientURLs", json!(m.client_ur_ls));
-                    put_nz(&mut e, "isLearner", Value::Bool(m.is_learner));
-                    Value::Object(e)
-                })
-                .collect();
-            put_nz(&mut o, "members", Value::Array(members));
             ok(Value::Object(o))
         }
         Err(e) => error(e),

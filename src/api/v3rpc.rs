@@ -317,6 +317,25 @@ fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected response type")
 }
 
+/// Chunk size of Maintenance.Snapshot messages (etcd's).
+const SNAPSHOT_CHUNK_BYTES: usize = 32 * 1024;
+
+/// A snapshot copy made for one download; deleted when the stream ends or is dropped.
+struct SnapshotCopy(std::path::PathBuf);
+
+impl Drop for SnapshotCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct SnapshotSend {
+    file: tokio::fs::File,
+    remaining: u64,
+    sha: sha2::Sha256,
+    _copy: SnapshotCopy,
+}
+
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -474,21 +493,80 @@ impl Maintenance for Gateway {
         &self,
         _req: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
-        Err(not_yet("hash"))
+        let (h, hash) = self.call(BridgeRequest::Hash).await?;
+        Ok(Response::new(pb::HashResponse {
+            header: header(&h),
+            hash,
+        }))
     }
 
     async fn hash_kv(
         &self,
-        _req: Request<pb::HashKvRequest>,
+        req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
-        Err(not_yet("hashkv"))
+        let rev = req.into_inner().revision;
+        let (h, kh) = self.call(|tx| BridgeRequest::HashKv(rev, tx)).await?;
+        Ok(Response::new(pb::HashKvResponse {
+            header: header(&h),
+            hash: kh.hash,
+            compact_revision: kh.compact_revision,
+            // etcd 3.5's field (3.4 clients ignore it): the revision hashed up to.
+            hash_revision: kh.hash_revision,
+        }))
     }
 
+    /// etcd's snapshot stream: the data in 32 KiB chunks counting down
+    /// `remaining_bytes`, then one message holding the data's SHA-256.
     async fn snapshot(
         &self,
         _req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<BoxStream<pb::SnapshotResponse>>, Status> {
-        Err(not_yet("snapshot"))
+        let (_, path) = self.call(BridgeRequest::Snapshot).await?;
+        let copy = SnapshotCopy(path);
+        let file = tokio::fs::File::open(&copy.0)
+            .await
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?
+            .len();
+        let state = SnapshotSend {
+            file,
+            remaining: size,
+            sha: <sha2::Sha256 as sha2::Digest>::new(),
+            _copy: copy,
+        };
+        let stream = futures::stream::unfold(Some(state), |st| async move {
+            use sha2::Digest;
+            use tokio::io::AsyncReadExt;
+            let mut st = st?;
+            if st.remaining == 0 {
+                let digest = std::mem::take(&mut st.sha).finalize().to_vec();
+                let last = pb::SnapshotResponse {
+                    header: None,
+                    remaining_bytes: 0,
+                    blob: digest,
+                    ..Default::default()
+                };
+                return Some((Ok(last), None));
+            }
+            let n = st.remaining.min(SNAPSHOT_CHUNK_BYTES as u64) as usize;
+            let mut blob = vec![0u8; n];
+            if let Err(e) = st.file.read_exact(&mut blob).await {
+                return Some((Err(Status::internal(format!("snapshot: {e}"))), None));
+            }
+            st.remaining -= n as u64;
+            st.sha.update(&blob);
+            let resp = pb::SnapshotResponse {
+                header: None,
+                remaining_bytes: st.remaining,
+                blob,
+                ..Default::default()
+            };
+            Some((Ok(resp), Some(st)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn move_leader(

@@ -97,6 +97,15 @@ pub enum EndpointCmd {
         #[arg(long)]
         cluster: bool,
     },
+    /// Prints the KV history hash (etcd's HashKV) of each endpoint.
+    Hashkv {
+        /// Use all endpoints from the cluster member list.
+        #[arg(long)]
+        cluster: bool,
+        /// Revision to hash up to (0 = current).
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -243,19 +252,38 @@ pub async fn compact(c: &Client, f: Format, rev: i64, physical: bool) -> Result<
     Ok(output::compact(f, &h, rev))
 }
 
-pub async fn endpoint_status(endpoints: &str, f: Format, cluster: bool) -> Result<String, KvError> {
-    let addrs = if cluster {
-        member::cluster_endpoints(endpoints).await?
+/// `--endpoints`, or with `--cluster` every member's endpoint from the member list.
+pub async fn endpoint_list(endpoints: &str, cluster: bool) -> Result<Vec<String>, KvError> {
+    if cluster {
+        member::cluster_endpoints(endpoints).await
     } else {
-        crate::config::parse_urls(endpoints).map_err(KvError::Client)?
-    };
+        crate::config::parse_urls(endpoints).map_err(KvError::Client)
+    }
+}
+
+pub async fn endpoint_status(endpoints: &str, f: Format, cluster: bool) -> Result<String, KvError> {
     let mut rows = Vec::new();
-    for ep in addrs {
+    for ep in endpoint_list(endpoints, cluster).await? {
         let c = Client::connect(&ep).await?;
         let (h, st) = c.status().await?;
         rows.push((ep, h, st));
     }
     output::endpoint_status(f, &rows)
+}
+
+pub async fn endpoint_hashkv(
+    endpoints: &str,
+    f: Format,
+    cluster: bool,
+    rev: i64,
+) -> Result<String, KvError> {
+    let mut rows = Vec::new();
+    for ep in endpoint_list(endpoints, cluster).await? {
+        let c = Client::connect(&ep).await?;
+        let (h, hash, compact) = c.hash_kv(rev).await?;
+        rows.push((ep, h, hash, compact));
+    }
+    output::endpoint_hashkv(f, &rows)
 }
 
 pub async fn alarm(c: &Client, f: Format, cmd: &AlarmCmd) -> Result<String, KvError> {

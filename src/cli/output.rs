@@ -297,6 +297,37 @@ pub fn endpoint_status(f: Format, rows: &[(String, Header, Status)]) -> Result<S
     }
 }
 
+/// `endpoint hashkv` as etcdctl prints it.
+pub fn endpoint_hashkv(f: Format, rows: &[(String, Header, u32, i64)]) -> Result<String, KvError> {
+    match f {
+        Format::Simple => Ok(rows
+            .iter()
+            .map(|(ep, _, hash, _)| format!("{ep}, {hash}\n"))
+            .collect()),
+        Format::Json => {
+            let list: Vec<Value> = rows
+                .iter()
+                .map(|(ep, h, hash, compact)| {
+                    let mut m = Map::new();
+                    m.insert("header".into(), header_json(h));
+                    put_nz(&mut m, "hash", json!(hash));
+                    put_nz(&mut m, "compact_revision", json!(compact));
+                    json!({ "Endpoint": ep, "HashKV": Value::Object(m) })
+                })
+                .collect();
+            Ok(Value::Array(list).to_string() + "\n")
+        }
+        Format::Table => {
+            let header = vec!["ENDPOINT".to_string(), "HASH".to_string()];
+            let body: Vec<Vec<String>> = rows
+                .iter()
+                .map(|(ep, _, hash, _)| vec![ep.clone(), hash.to_string()])
+                .collect();
+            Ok(table(&header, &body))
+        }
+    }
+}
+
 /// tablewriter's layout as etcdctl uses it: centred header, right-aligned cells.
 pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..header.len())

@@ -125,6 +125,16 @@ pub fn current_revision(b: &Backend, txn: &RoTxn) -> Result<i64, KvError> {
     Ok(r.max(INITIAL_REVISION))
 }
 
+/// Keys with a live (not deleted) latest version.
+pub fn live_keys(b: &Backend, txn: &RoTxn) -> Result<u64, KvError> {
+    let mut n = 0;
+    for item in b.index.iter(txn)? {
+        let (_, v) = item?;
+        n += u64::from(IndexEntry::decode(v)?.live().is_some());
+    }
+    Ok(n)
+}
+
 pub fn compacted_revision(b: &Backend, txn: &RoTxn) -> Result<i64, KvError> {
     Ok(b.get_u64(txn, meta_key::COMPACTED)? as i64)
 }
@@ -307,6 +317,114 @@ fn live_kvs(
         Ok(true)
     })?;
     Ok(out)
+}
+
+/// What `hash_kv` found: the hash and the revisions it was taken between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvHash {
+    pub hash: u32,
+    /// The revision hashed up to.
+    pub hash_revision: i64,
+    pub current_revision: i64,
+    /// -1 when nothing was ever compacted (etcd's answer then).
+    pub compact_revision: i64,
+}
+
+/// etcd's HashKV, bit for bit: CRC-32C (Castagnoli) over "key", then every record of
+/// the key bucket up to `rev` (0 = current) as etcd stores it — revision key `main BE
+/// | '_' | sub BE` (+ 't' for a tombstone) and the mvccpb.KeyValue protobuf (a tombstone
+/// holds only the key) — skipping records at or below the compact revision that a
+/// compaction at `rev` would drop. Members with the same history agree, and so does
+/// an etcd that saw the same writes. Blocking (a full scan): run on a blocking pool.
+pub fn hash_kv(b: &Backend, rev: i64) -> Result<KvHash, KvError> {
+    use prost::Message as _;
+    let txn = b.read_txn()?;
+    let current = current_revision(b, &txn)?;
+    let compacted = compacted_revision(b, &txn)?;
+    if rev > 0 && rev <= compacted {
+        return Err(KvError::Compacted);
+    }
+    if rev > current {
+        return Err(KvError::FutureRev);
+    }
+    let at = if rev <= 0 { current } else { rev };
+    let upper = Rev {
+        main: at + 1,
+        sub: 0,
+    }
+    .to_key();
+    let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Unbounded, Bound::Excluded(&upper));
+    // etcd's kvindex.Keep(at): the latest revision <= at of every key live at `at`.
+    let mut latest: HashMap<Vec<u8>, (Rev, bool)> = HashMap::new();
+    for item in b.kv.range(&txn, &bounds)? {
+        let (k, v) = item?;
+        let rec: Record = postcard::from_bytes(v)?;
+        latest.insert(rec.key, (Rev::from_key(k)?, rec.tombstone));
+    }
+    let keep: HashSet<Rev> = latest
+        .into_values()
+        .filter(|(_, tombstone)| !tombstone)
+        .map(|(r, _)| r)
+        .collect();
+    let mut crc = crc32c::crc32c_append(0, b"key");
+    for item in b.kv.range(&txn, &bounds)? {
+        let (k, v) = item?;
+        let rev = Rev::from_key(k)?;
+        if rev.main <= compacted && !keep.is_empty() && !keep.contains(&rev) {
+            continue;
+        }
+        let rec: Record = postcard::from_bytes(v)?;
+        let mut key = [0u8; 18];
+        key[..8].copy_from_slice(&(rev.main as u64).to_be_bytes());
+        key[8] = b'_';
+        key[9..17].copy_from_slice(&(rev.sub as u64).to_be_bytes());
+        key[17] = b't';
+        let pb = if rec.tombstone {
+            crate::etcdpb::mvccpb::KeyValue {
+                key: rec.key,
+                ..Default::default()
+            }
+        } else {
+            crate::etcdpb::mvccpb::KeyValue {
+                key: rec.key,
+                create_revision: rec.create_revision,
+                mod_revision: rev.main,
+                version: rec.version,
+                value: rec.value,
+                lease: rec.lease,
+            }
+        };
+        crc = crc32c::crc32c_append(crc, &key[..if rec.tombstone { 18 } else { 17 }]);
+        crc = crc32c::crc32c_append(crc, &pb.encode_to_vec());
+    }
+    assert!(at <= current && (rev <= 0 || at > compacted));
+    Ok(KvHash {
+        hash: crc,
+        hash_revision: at,
+        current_revision: current,
+        compact_revision: if compacted > 0 { compacted } else { -1 },
+    })
+}
+
+/// Maintenance.Hash: CRC-32C over every record of the replicated tables (kv, leases),
+/// for comparing members' state. etcd hashes its whole bolt file, so the numbers differ
+/// from etcd's by design. Blocking: run on a blocking pool.
+pub fn hash_all(b: &Backend) -> Result<u32, KvError> {
+    let txn = b.read_txn()?;
+    let mut crc = 0u32;
+    for (name, db) in [
+        (&b"kv"[..], b.kv),
+        (&b"lease"[..], b.lease),
+        (&b"lease_keys"[..], b.lease_keys),
+    ] {
+        crc = crc32c::crc32c_append(crc, name);
+        for item in db.iter(&txn)? {
+            let (k, v) = item?;
+            crc = crc32c::crc32c_append(crc, k);
+            crc = crc32c::crc32c_append(crc, v);
+        }
+    }
+    Ok(crc)
 }
 
 /// Checks a read revision against the store: etcd's compacted / future errors.

@@ -65,30 +65,7 @@ pub fn create(backend: &Backend, dir: &Path) -> Result<(SnapshotMetadata, PathBu
         return Err("nothing applied yet".into());
     }
     let tmp = dir.join("snapshot.tmp");
-    let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let mut w = CrcWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        crc: 0,
-    };
-    w.write_all(MAGIC).map_err(err)?;
-    for (tag, db) in backend.dbs() {
-        for item in db.iter(&txn).map_err(err)? {
-            let (k, v) = item.map_err(err)?;
-            if tag == 3 && k == meta_key::MEMBER_ID {
-                continue; // per data dir, not replicated
-            }
-            w.write_all(&[tag]).map_err(err)?;
-            w.write_all(&(k.len() as u32).to_le_bytes()).map_err(err)?;
-            w.write_all(k).map_err(err)?;
-            w.write_all(&(v.len() as u32).to_le_bytes()).map_err(err)?;
-            w.write_all(v).map_err(err)?;
-        }
-    }
-    w.write_all(&[END_TAG]).map_err(err)?;
-    let crc = w.crc;
-    let mut file = w.inner.into_inner().map_err(err)?;
-    file.write_all(&crc.to_le_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
+    write_records(backend, &txn, &tmp)?;
     drop(txn);
     let path = dir.join(format!("snap-{term:016x}-{index:016x}.db"));
     std::fs::rename(&tmp, &path).map_err(err)?;
@@ -109,6 +86,127 @@ pub fn create(backend: &Backend, dir: &Path) -> Result<(SnapshotMetadata, PathBu
         ..Default::default()
     };
     Ok((meta, path))
+}
+
+/// Writes every record visible in `txn` to `path` in the snapshot format, synced.
+fn write_records(
+    backend: &Backend,
+    txn: &heed::RoTxn<'_, heed::WithoutTls>,
+    path: &Path,
+) -> Result<(), String> {
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut w = CrcWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: 0,
+    };
+    w.write_all(MAGIC).map_err(err)?;
+    for (tag, db) in backend.dbs() {
+        for item in db.iter(txn).map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            if tag == 3 && k == meta_key::MEMBER_ID {
+                continue; // per data dir, not replicated
+            }
+            w.write_all(&[tag]).map_err(err)?;
+            w.write_all(&(k.len() as u32).to_le_bytes()).map_err(err)?;
+            w.write_all(k).map_err(err)?;
+            w.write_all(&(v.len() as u32).to_le_bytes()).map_err(err)?;
+            w.write_all(v).map_err(err)?;
+        }
+    }
+    w.write_all(&[END_TAG]).map_err(err)?;
+    let crc = w.crc;
+    let mut file = w.inner.into_inner().map_err(err)?;
+    file.write_all(&crc.to_le_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)
+}
+
+/// Name prefix of copies made for clients (Maintenance.Snapshot); left-overs from a
+/// crash are removed at start-up.
+pub const CLIENT_COPY_PREFIX: &str = "client-";
+
+/// A consistent copy of the state for a client (`etcdctl snapshot save`), in `dir`.
+/// The caller streams and then deletes it. Blocking: run on a blocking pool.
+pub fn save_copy(backend: &Backend, dir: &Path) -> Result<PathBuf, String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let txn = backend.read_txn().map_err(err)?;
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("{CLIENT_COPY_PREFIX}{n}.db"));
+    write_records(backend, &txn, &path)?;
+    // etcdctl refuses a download whose length minus the SHA-256 is not a multiple of
+    // 512 (bolt files are whole pages): pad with zeros, which `install` never reads.
+    let len = std::fs::metadata(&path).map_err(err)?.len();
+    let padded = len.div_ceil(CLIENT_COPY_ALIGN_BYTES) * CLIENT_COPY_ALIGN_BYTES;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(err)?;
+    f.set_len(padded).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    assert_eq!(padded % CLIENT_COPY_ALIGN_BYTES, 0);
+    Ok(path)
+}
+
+/// Client copies are padded to a multiple of this (etcdctl checks it).
+const CLIENT_COPY_ALIGN_BYTES: u64 = 512;
+
+/// Bytes of SHA-256 that Maintenance.Snapshot appends after the data (as etcd does).
+pub const SHA256_BYTES: usize = 32;
+
+/// What `restore` put into the new data dir.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub revision: i64,
+    pub keys: u64,
+}
+
+/// `corekv snapshot restore`: a saved snapshot (data + SHA-256, as `etcdctl snapshot
+/// save` writes it) becomes the state of a new data dir without any cluster identity,
+/// so the first `corekv serve` on it bootstraps a new cluster from its flags around the
+/// restored keyspace (revisions, history and leases kept), as etcd's restore does.
+pub fn restore(file: &Path, db_dir: &Path, skip_hash_check: bool) -> Result<Restored, String> {
+    use sha2::Digest;
+    let bad = |e: String| format!("snapshot {}: {e}", file.display());
+    let bytes = std::fs::metadata(file)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    if !skip_hash_check {
+        if bytes < SHA256_BYTES as u64 {
+            return Err(bad("too short to hold its SHA-256".into()));
+        }
+        let mut f = std::fs::File::open(file).map_err(|e| bad(e.to_string()))?;
+        let mut body = (&mut f).take(bytes - SHA256_BYTES as u64);
+        let mut sha = sha2::Sha256::new();
+        std::io::copy(&mut body, &mut sha).map_err(|e| bad(e.to_string()))?;
+        let mut want = [0u8; SHA256_BYTES];
+        f.read_exact(&mut want).map_err(|e| bad(e.to_string()))?;
+        if sha.finalize()[..] != want[..] {
+            return Err(bad(
+                "SHA-256 mismatch (use --skip-hash-check for a copy without one)".into(),
+            ));
+        }
+    }
+    std::fs::create_dir_all(db_dir).map_err(|e| format!("{}: {e}", db_dir.display()))?;
+    let map_size = (bytes as usize).saturating_mul(4).max(64 << 20);
+    let backend = Backend::open(db_dir, map_size).map_err(err)?;
+    install(&backend, file)?;
+    let mut txn = backend.env.write_txn().map_err(err)?;
+    for key in [
+        meta_key::MEMBER_ID,
+        meta_key::CLUSTER_ID,
+        meta_key::MEMBERS,
+        meta_key::REMOVED,
+        meta_key::CONF_STATE,
+        meta_key::APPLIED_INDEX,
+        meta_key::APPLIED_TERM,
+    ] {
+        backend.meta.delete(&mut txn, key).map_err(err)?;
+    }
+    let revision = backend.get_u64(&txn, meta_key::REVISION).map_err(err)? as i64;
+    let keys = crate::storage::mvcc::live_keys(&backend, &txn).map_err(err)?;
+    txn.commit().map_err(err)?;
+    backend.sync().map_err(err)?;
+    Ok(Restored { revision, keys })
 }
 
 fn read_field<R: Read>(r: &mut R) -> Result<Vec<u8>, String> {
