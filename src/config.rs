@@ -81,6 +81,19 @@ pub struct ServeConfig {
     /// Maximum client request size in bytes.
     #[arg(long, env = "COREKV_MAX_REQUEST_BYTES", default_value_t = 1_572_864, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_request_bytes: u64,
+    /// Server-to-client HTTP/2 ping interval on gRPC connections, e.g. 2h, 30s (0 disables).
+    #[arg(long, env = "COREKV_GRPC_KEEPALIVE_INTERVAL", default_value = "2h", value_parser = parse_duration)]
+    pub grpc_keepalive_interval: std::time::Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "COREKV_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
+    pub grpc_keepalive_timeout: std::time::Duration,
+    /// etcd's minimum interval between client pings. Accepted for etcd configurations but
+    /// not enforced: the HTTP/2 server answers every ping (README, differences).
+    #[arg(long, env = "COREKV_GRPC_KEEPALIVE_MIN_TIME", default_value = "5s", value_parser = parse_positive_duration)]
+    pub grpc_keepalive_min_time: std::time::Duration,
+    /// Maximum concurrent gRPC streams per client connection.
+    #[arg(long, env = "COREKV_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
     /// Maximum operations per txn branch.
     #[arg(long, env = "COREKV_MAX_TXN_OPS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_txn_ops: u64,
@@ -165,6 +178,10 @@ pub struct ServeConfig {
     /// WAL segment size in bytes (preallocated and zero-filled).
     #[arg(long, env = "COREKV_WAL_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024, hide = true)]
     pub wal_segment_bytes: u64,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s}: {e}"))
 }
 
 fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -657,11 +657,18 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     }
     let gateway =
         crate::api::v3rpc::Gateway::new(bridge_txs, cfg.raft_shard, cfg.max_request_bytes as usize);
-    if let Err(e) = crate::api::v3rpc::spawn(
-        gateway,
-        client_addrs.clone(),
-        cfg.max_request_bytes as usize,
-    ) {
+    if cfg.grpc_keepalive_min_time != std::time::Duration::from_secs(5) {
+        tracing::warn!(
+            "--grpc-keepalive-min-time is accepted for etcd configurations but not enforced"
+        );
+    }
+    let limits = crate::api::v3rpc::GrpcLimits {
+        max_request_bytes: cfg.max_request_bytes as usize,
+        keepalive_interval: Some(cfg.grpc_keepalive_interval).filter(|d| !d.is_zero()),
+        keepalive_timeout: cfg.grpc_keepalive_timeout,
+        max_concurrent_streams: cfg.max_concurrent_streams,
+    };
+    if let Err(e) = crate::api::v3rpc::spawn(gateway, client_addrs.clone(), limits) {
         exit_fatal(e);
     }
     tracing::info!(urls = ?client_addrs, "ready to serve etcd v3 gRPC clients");

@@ -171,3 +171,114 @@ fn grpc_bad_input_gets_clear_status_and_server_keeps_serving() {
     assert!(s.is_running(), "server died on bad gRPC input");
     rt.block_on(still_serves(&ep, "after-garbage"));
 }
+
+/// What a raw HTTP/2 client saw within `window`: the server's SETTINGS entries, how many
+/// PINGs came (never answered), and after how long the server closed the connection.
+struct H2Seen {
+    settings: Vec<(u16, u32)>,
+    pings: u32,
+    closed_after: Option<std::time::Duration>,
+}
+
+fn watch_h2_connection(endpoint: &str, window: std::time::Duration) -> H2Seen {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let mut c = std::net::TcpStream::connect(endpoint).unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap(); // empty SETTINGS
+    let mut seen = H2Seen {
+        settings: Vec::new(),
+        pings: 0,
+        closed_after: None,
+    };
+    // Bounded by `window`: every read waits at most until it ends.
+    while started.elapsed() < window {
+        c.set_read_timeout(Some(
+            window
+                .saturating_sub(started.elapsed())
+                .max(std::time::Duration::from_millis(1)),
+        ))
+        .unwrap();
+        let mut head = [0u8; 9];
+        match c.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                seen.closed_after = Some(started.elapsed());
+                break;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(_) => {
+                seen.closed_after = Some(started.elapsed());
+                break;
+            }
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if c.read_exact(&mut payload).is_err() {
+            seen.closed_after = Some(started.elapsed());
+            break;
+        }
+        match (head[3], head[4]) {
+            (4, 0) => {
+                for e in payload.chunks_exact(6) {
+                    seen.settings.push((
+                        u16::from_be_bytes([e[0], e[1]]),
+                        u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+                    ));
+                }
+                let _ = c.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]); // SETTINGS ack
+            }
+            (6, 0) => seen.pings += 1,
+            (7, _) => {
+                seen.closed_after = Some(started.elapsed());
+                break;
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+#[test]
+fn keepalive_and_stream_limit_flags_shape_grpc_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &dir.path().join("tuned"),
+        &[
+            "--grpc-keepalive-interval",
+            "200ms",
+            "--grpc-keepalive-timeout",
+            "300ms",
+            "--max-concurrent-streams",
+            "7",
+        ],
+    );
+    let seen = watch_h2_connection(&s.grpc_endpoint(), std::time::Duration::from_secs(5));
+    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3) is the flag's value.
+    assert!(seen.settings.contains(&(3, 7)), "{:?}", seen.settings);
+    // An idle connection is pinged after the interval and closed when no ack comes.
+    assert!(seen.pings >= 1, "no keepalive ping");
+    let closed = seen
+        .closed_after
+        .expect("connection closed for the missing ping ack");
+    assert!(
+        closed >= std::time::Duration::from_millis(400),
+        "closed after {closed:?}, before interval + timeout"
+    );
+    // Defaults (etcd's: ping every 2 h): no ping and no close within a second.
+    let d = Server::start(&dir.path().join("defaults"), &[]);
+    let seen = watch_h2_connection(&d.grpc_endpoint(), std::time::Duration::from_secs(1));
+    assert_eq!(seen.pings, 0);
+    assert!(seen.closed_after.is_none());
+    // Both keep serving.
+    for srv in [&s, &d] {
+        srv.ok(&["put", "after", "pings"]);
+    }
+}

@@ -667,9 +667,21 @@ impl Cluster for Gateway {
     }
 }
 
+/// Limits of the gRPC server (etcd's flags).
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcLimits {
+    pub max_request_bytes: usize,
+    /// Server pings an idle connection this often (None: never).
+    pub keepalive_interval: Option<std::time::Duration>,
+    /// and closes it when a ping is not answered within this.
+    pub keepalive_timeout: std::time::Duration,
+    pub max_concurrent_streams: u32,
+}
+
 /// Runs the gRPC server on a dedicated thread with its own tokio runtime. Returns once
 /// every listener is bound (or with the bind error).
-pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> Result<(), String> {
+pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result<(), String> {
+    assert!(limits.max_concurrent_streams >= 1 && !limits.keepalive_timeout.is_zero());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     std::thread::Builder::new()
         .name("corekv-grpc".into())
@@ -696,7 +708,7 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> 
                             return;
                         }
                     };
-                    let limit = max_request_bytes + GRPC_OVERHEAD_BYTES;
+                    let limit = limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
                     let g = gateway.clone();
                     let routes = tonic::service::Routes::new(
                         KvServer::new(g.clone()).max_decoding_message_size(limit),
@@ -714,6 +726,9 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, max_request_bytes: usize) -> 
                     );
                     let router = tonic::transport::Server::builder()
                         .accept_http1(true)
+                        .http2_keepalive_interval(limits.keepalive_interval)
+                        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+                        .max_concurrent_streams(limits.max_concurrent_streams)
                         .add_routes(routes);
                     // Small unary replies must not wait for Nagle + delayed ACK (~40 ms).
                     let incoming = futures::StreamExt::map(
