@@ -3,7 +3,7 @@
 //! leases also under /v3/kv/lease/*), POST /v3/watch, whose answer is a stream of
 //! `{"result": WatchResponse}` lines kept open until the client disconnects, and the
 //! lock / election routes (/v3/lock/{lock,unlock}, /v3/election/{campaign,proclaim,
-//! leader,resign}).
+//! leader,resign}), and the streamed /v3/election/observe and /v3/maintenance/snapshot.
 
 use super::gateway::{
     b64, boolean, bytes, error, header_json, int, kv_json, ok, parse, put_nz, s64, Obj,
@@ -44,6 +44,8 @@ pub fn routes() -> axum::Router<Gateway> {
         .route("/v3/election/proclaim", post(proclaim))
         .route("/v3/election/leader", post(leader))
         .route("/v3/election/resign", post(resign))
+        .route("/v3/election/observe", post(observe))
+        .route("/v3/maintenance/snapshot", post(snapshot))
 }
 
 fn leader_key(m: &Obj) -> Result<Option<epb::LeaderKey>, tonic::Status> {
@@ -277,6 +279,64 @@ fn stream_response(lines: impl futures::Stream<Item = Value> + Send + 'static) -
         .header("content-type", "application/json")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| error(tonic::Status::internal("building the response")))
+}
+
+/// A server stream as grpc-gateway writes it: `{"result": ...}` per message, and a final
+/// `{"error": ...}` line if the stream fails.
+fn stream_results<T, F>(
+    items: impl futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static,
+    to_json: F,
+) -> Response
+where
+    F: Fn(&T) -> Value + Send + 'static,
+{
+    let body = items.map(move |item| {
+        let line = match item {
+            Ok(v) => serde_json::json!({ "result": to_json(&v) }),
+            Err(s) => serde_json::json!({"error": {
+                "grpc_code": s.code() as i32, "message": s.message(),
+            }}),
+        };
+        Ok::<_, std::convert::Infallible>(format!("{line}\n"))
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| error(tonic::Status::internal("building the response")))
+}
+
+async fn observe(State(g): State<Gateway>, body: Bytes) -> Response {
+    let req = match parse(&body).and_then(|m| {
+        Ok(epb::LeaderRequest {
+            name: bytes(&m, "name")?,
+        })
+    }) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match Election::observe(&g, tonic::Request::new(req)).await {
+        Ok(r) => stream_results(r.into_inner(), |resp: &epb::LeaderResponse| {
+            let mut o = with_header(&resp.header);
+            if let Some(kv) = &resp.kv {
+                o.insert("kv".into(), kv_json(kv));
+            }
+            Value::Object(o)
+        }),
+        Err(e) => error(e),
+    }
+}
+
+async fn snapshot(State(g): State<Gateway>) -> Response {
+    use crate::etcdpb::etcdserverpb::maintenance_server::Maintenance;
+    match Maintenance::snapshot(&g, tonic::Request::new(pb::SnapshotRequest {})).await {
+        Ok(r) => stream_results(r.into_inner(), |resp: &pb::SnapshotResponse| {
+            let mut o = with_header(&resp.header);
+            put_nz(&mut o, "remaining_bytes", s64(resp.remaining_bytes));
+            put_nz(&mut o, "blob", b64(&resp.blob));
+            Value::Object(o)
+        }),
+        Err(e) => error(e),
+    }
 }
 
 /// One keepalive per request body (grpc-gateway reads one message, answers, and ends).
