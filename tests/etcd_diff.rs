@@ -664,3 +664,72 @@ fn json_gateway_matches_real_etcd() {
         steps.len()
     );
 }
+
+/// `etcdctl check perf --load=s` (60 s of puts at 150/s from 50 clients) run against etcd
+/// and corekv at the same time: the same verdict lines (timings normalized), and the
+/// keys it wrote are gone afterwards on both.
+#[test]
+fn check_perf_passes_as_on_etcd() {
+    if !(have("etcd", "--version") && have("etcdctl", "version")) {
+        assert!(
+            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
+            "etcd/etcdctl missing but COREKV_REQUIRE_ETCD is set"
+        );
+        eprintln!("SKIPPED check_perf_passes_as_on_etcd: apt-get install etcd-server etcd-client");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start_etcd(dir.path());
+    let corekv = Server::start(&dir.path().join("corekv"), &SMALL_WAL);
+    let ours = corekv.grpc_endpoint();
+    let verdict = |ep: String| {
+        std::thread::spawn(move || {
+            let (code, out, err) = etcdctl(&ep, &["check", "perf", "--load=s"], "");
+            // The progress bar shares stdout; keep the verdict lines, timings normalized.
+            let lines: Vec<String> = out
+                .lines()
+                .chain(err.lines())
+                .filter_map(|l| {
+                    let l = l.trim();
+                    let at = l.find("PASS").or_else(|| l.find("FAIL"))?;
+                    // Numbers (rate, slowest, stddev) vary run to run: keep the words.
+                    let mut norm = String::new();
+                    for c in l[at..].chars() {
+                        if c.is_ascii_digit() || c == '.' {
+                            if !norm.ends_with('N') {
+                                norm.push('N');
+                            }
+                        } else {
+                            norm.push(c);
+                        }
+                    }
+                    Some(norm)
+                })
+                .collect();
+            (code, lines)
+        })
+    };
+    let (a, b) = (verdict(etcd.client.clone()), verdict(ours.clone()));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert_eq!(a.0, 0, "etcd: {:?}", a.1);
+    assert_eq!(a, b, "check perf differs (left: etcd, right: corekv)");
+    assert_eq!(b.1.last().map(String::as_str), Some("PASS"), "{:?}", b.1);
+    for ep in [&etcd.client, &ours] {
+        let (_, out, _) = etcdctl(
+            ep,
+            &[
+                "get",
+                "/etcdctl-check-perf/",
+                "--prefix",
+                "--count-only",
+                "-w",
+                "json",
+            ],
+            "",
+        );
+        assert!(
+            !out.contains("\"count\""),
+            "{ep} kept check-perf keys: {out}"
+        );
+    }
+}
