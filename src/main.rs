@@ -101,6 +101,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SnapshotCmd {
+    /// Prints a saved snapshot's hash, revision, total keys and total size.
+    Status { file: std::path::PathBuf },
     /// Restores a saved snapshot into a new data dir; the first `corekv serve` on it
     /// bootstraps a new cluster from its flags around the restored keyspace.
     Restore {
@@ -231,6 +233,9 @@ fn main() {
                 Err(e) => Err(e),
             }
         }
+        Cmd::Snapshot(SnapshotCmd::Status { file }) => corekv::storage::snapshot::status(&file)
+            .map_err(KvError::Client)
+            .and_then(|st| cli::output::snapshot_status(format, &st)),
         Cmd::Snapshot(SnapshotCmd::Restore {
             file,
             data_dir,

@@ -106,6 +106,30 @@ fn saved_snapshot_restores_into_a_new_data_dir() {
         .collect();
     assert!(left.is_empty(), "download copies left: {left:?}");
 
+    // `snapshot status` reads the file without installing it (etcdctl's three forms).
+    let status = |fmt: &str| {
+        let out = Command::new(BIN)
+            .args(["snapshot", "status", file.to_str().unwrap(), "-w", fmt])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let st = json(&status("json"));
+    assert_eq!(st["revision"], revision);
+    assert_eq!(st["totalSize"], bytes.len() as u64);
+    assert!(st["totalKey"].as_u64().unwrap() > 200, "{st}");
+    let simple = status("simple");
+    let cols: Vec<&str> = simple.trim_end().split(", ").collect();
+    assert_eq!(cols.len(), 4, "{simple}");
+    assert_eq!(cols[0], format!("{:x}", st["hash"].as_u64().unwrap()));
+    assert_eq!(cols[1], revision.to_string());
+    assert!(status("table").contains("TOTAL KEYS"));
+
     // A damaged copy is refused and creates nothing.
     let mut broken = bytes.clone();
     broken[bytes.len() / 2] ^= 1;
@@ -116,6 +140,11 @@ fn saved_snapshot_restores_into_a_new_data_dir() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SHA-256 mismatch"));
     assert!(!bad_dir.exists());
+    let out = Command::new(BIN)
+        .args(["snapshot", "status", broken_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a damaged file has no status");
 
     let restored_dir = dir.path().join("restored");
     let out = restore(&file, &restored_dir);

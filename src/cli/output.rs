@@ -297,6 +297,35 @@ pub fn endpoint_status(f: Format, rows: &[(String, Header, Status)]) -> Result<S
     }
 }
 
+/// `snapshot status` as etcdctl prints it (hash in hex in the simple and table forms).
+pub fn snapshot_status(
+    f: Format,
+    st: &crate::storage::snapshot::FileStatus,
+) -> Result<String, KvError> {
+    let cells = vec![
+        format!("{:x}", st.hash),
+        st.revision.to_string(),
+        st.total_keys.to_string(),
+        human_bytes(st.total_size),
+    ];
+    match f {
+        Format::Simple => Ok(cells.join(", ") + "\n"),
+        Format::Json => Ok(json!({
+            "hash": st.hash, "revision": st.revision,
+            "totalKey": st.total_keys, "totalSize": st.total_size,
+        })
+        .to_string()
+            + "\n"),
+        Format::Table => {
+            let header: Vec<String> = ["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            Ok(table(&header, &[cells]))
+        }
+    }
+}
+
 /// `endpoint hashkv` as etcdctl prints it.
 pub fn endpoint_hashkv(f: Format, rows: &[(String, Header, u32, i64)]) -> Result<String, KvError> {
     match f {
