@@ -228,6 +228,33 @@ pub fn status(path: &Path) -> Result<FileStatus, String> {
     let total_size = std::fs::metadata(path)
         .map_err(|e| bad(e.to_string()))?
         .len();
+    let (mut total_keys, mut revision) = (0u64, 0i64);
+    let crc = read_records(path, |tag, k, v| {
+        if tag == META_TAG && k == meta_key::REVISION {
+            let b: [u8; 8] = v
+                .try_into()
+                .map_err(|_| bad("bad revision record".into()))?;
+            revision = u64::from_be_bytes(b) as i64;
+        }
+        total_keys += 1;
+        Ok(())
+    })?;
+    Ok(FileStatus {
+        hash: crc,
+        revision,
+        total_keys,
+        total_size,
+    })
+}
+
+/// Reads a snapshot file: checks the magic, hands every record (tag, key, value) to
+/// `each`, checks the CRC after the end tag, and returns it. Trailing bytes (padding,
+/// SHA-256) are not read.
+fn read_records(
+    path: &Path,
+    mut each: impl FnMut(u8, Vec<u8>, Vec<u8>) -> Result<(), String>,
+) -> Result<u32, String> {
+    let bad = |e: String| format!("snapshot {}: {e}", path.display());
     let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
     let mut r = CrcReader {
         inner: BufReader::with_capacity(1 << 20, file),
@@ -238,7 +265,6 @@ pub fn status(path: &Path) -> Result<FileStatus, String> {
     if &magic != MAGIC {
         return Err(bad("not a corekv snapshot".into()));
     }
-    let (mut total_keys, mut revision) = (0u64, 0i64);
     // Bounded by the file: every pass consumes at least one byte.
     loop {
         let mut tag = [0u8; 1];
@@ -248,13 +274,7 @@ pub fn status(path: &Path) -> Result<FileStatus, String> {
         }
         let k = read_field(&mut r).map_err(bad)?;
         let v = read_field(&mut r).map_err(bad)?;
-        if tag[0] == META_TAG && k == meta_key::REVISION {
-            let b: [u8; 8] = v
-                .try_into()
-                .map_err(|_| bad("bad revision record".into()))?;
-            revision = u64::from_be_bytes(b) as i64;
-        }
-        total_keys += 1;
+        each(tag[0], k, v)?;
     }
     let crc = r.crc;
     let mut want = [0u8; 4];
@@ -264,12 +284,7 @@ pub fn status(path: &Path) -> Result<FileStatus, String> {
     if u32::from_le_bytes(want) != crc {
         return Err(bad("CRC mismatch".into()));
     }
-    Ok(FileStatus {
-        hash: crc,
-        revision,
-        total_keys,
-        total_size,
-    })
+    Ok(crc)
 }
 
 fn read_field<R: Read>(r: &mut R) -> Result<Vec<u8>, String> {
@@ -288,16 +303,6 @@ fn read_field<R: Read>(r: &mut R) -> Result<Vec<u8>, String> {
 /// ID is kept), then syncs. Returns the applied (index, term) it carried.
 pub fn install(backend: &Backend, path: &Path) -> Result<(u64, u64), String> {
     let bad = |e: String| format!("snapshot {}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut r = CrcReader {
-        inner: BufReader::with_capacity(1 << 20, file),
-        crc: 0,
-    };
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic).map_err(|e| bad(e.to_string()))?;
-    if &magic != MAGIC {
-        return Err(bad("not a corekv snapshot".into()));
-    }
     let mut txn = backend.env.write_txn().map_err(err)?;
     let member_id = backend
         .meta
@@ -308,30 +313,14 @@ pub fn install(backend: &Backend, path: &Path) -> Result<(u64, u64), String> {
     for (_, db) in dbs {
         db.clear(&mut txn).map_err(err)?;
     }
-    // Bounded by the file: every pass consumes at least one byte.
-    loop {
-        let mut tag = [0u8; 1];
-        r.read_exact(&mut tag).map_err(|e| bad(e.to_string()))?;
-        if tag[0] == END_TAG {
-            break;
-        }
+    read_records(path, |tag, k, v| {
         let db = dbs
             .iter()
-            .find(|(t, _)| *t == tag[0])
+            .find(|(t, _)| *t == tag)
             .map(|(_, db)| *db)
-            .ok_or_else(|| bad(format!("unknown database tag {}", tag[0])))?;
-        let k = read_field(&mut r).map_err(bad)?;
-        let v = read_field(&mut r).map_err(bad)?;
-        db.put(&mut txn, &k, &v).map_err(err)?;
-    }
-    let crc = r.crc;
-    let mut want = [0u8; 4];
-    r.inner
-        .read_exact(&mut want)
-        .map_err(|e| bad(e.to_string()))?;
-    if u32::from_le_bytes(want) != crc {
-        return Err(bad("CRC mismatch".into()));
-    }
+            .ok_or_else(|| bad(format!("unknown database tag {tag}")))?;
+        db.put(&mut txn, &k, &v).map_err(err)
+    })?;
     if let Some(id) = member_id {
         backend
             .meta
