@@ -13,6 +13,8 @@ pub enum Code {
     Unavailable,
     Internal,
     DeadlineExceeded,
+    PermissionDenied,
+    Unauthenticated,
     /// Plain Go errors returned by etcd's lock/election services.
     Unknown,
 }
@@ -74,6 +76,38 @@ pub enum KvError {
     Timeout,
     #[error("etcdserver: server stopped")]
     Stopped,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
     #[error("etcdserver: {0}")]
     Internal(String),
     /// Client-side errors (bad arguments, dialing): no server prefix.
@@ -98,6 +132,14 @@ impl KvError {
             NoSpace | TooManyRequests => Code::ResourceExhausted,
             LeaseNotFound => Code::NotFound,
             Timeout | Stopped => Code::Unavailable,
+            RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
+            | RoleAlreadyExist | RoleNotFound | RoleNotGranted | PermissionNotGranted
+            | AuthNotEnabled => Code::FailedPrecondition,
+            UserEmpty | RoleEmpty | AuthFailed | InvalidAuthMgmt | AuthOldRevision => {
+                Code::InvalidArgument
+            }
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
             Internal(_) => Code::Internal,
             Client(_) => Code::InvalidArgument,
         }
@@ -134,6 +176,22 @@ impl KvError {
             TooManyRequests,
             Timeout,
             Stopped,
+            RootUserNotExist,
+            RootRoleNotExist,
+            UserAlreadyExist,
+            UserEmpty,
+            UserNotFound,
+            RoleAlreadyExist,
+            RoleNotFound,
+            RoleEmpty,
+            AuthFailed,
+            PermissionDenied,
+            RoleNotGranted,
+            PermissionNotGranted,
+            AuthNotEnabled,
+            InvalidAuthToken,
+            InvalidAuthMgmt,
+            AuthOldRevision,
         ];
         for e in known {
             if msg.contains(&e.to_string()) {

@@ -181,6 +181,96 @@ pub struct AlarmRequest {
     pub alarm: AlarmType,
 }
 
+/// Who sent a request, as the auth store judges it (etcd's AuthInfo): the user a token
+/// named (empty: none) and the auth revision the front end saw when it checked the token.
+/// A write applied under a newer auth revision is refused (etcd's ErrAuthOldRevision).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthUser {
+    pub name: String,
+    pub revision: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PermType {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+/// A key permission of a role: `[key, range_end)` as etcd reads ranges.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permission {
+    pub perm_type: PermType,
+    pub key: Vec<u8>,
+    pub range_end: Vec<u8>,
+}
+
+/// Auth management, applied through raft like etcd's InternalRaftRequest auth fields.
+/// Passwords arrive already bcrypt-hashed (by the member that took the request), so every
+/// replica stores the same bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthRequest {
+    Enable,
+    Disable,
+    /// Hands out `token_prefix.<entry index>` once the password was checked.
+    Authenticate {
+        name: String,
+        token_prefix: String,
+    },
+    UserAdd {
+        name: String,
+        password_hash: Option<String>,
+    },
+    UserDelete {
+        name: String,
+    },
+    UserChangePassword {
+        name: String,
+        password_hash: Option<String>,
+    },
+    UserGrantRole {
+        user: String,
+        role: String,
+    },
+    UserRevokeRole {
+        user: String,
+        role: String,
+    },
+    UserGet {
+        name: String,
+    },
+    UserList,
+    RoleAdd {
+        name: String,
+    },
+    RoleGet {
+        name: String,
+    },
+    RoleList,
+    RoleDelete {
+        name: String,
+    },
+    RoleGrantPermission {
+        name: String,
+        perm: Permission,
+    },
+    RoleRevokePermission {
+        name: String,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthResponse {
+    Done,
+    /// The token prefix; the apply actor appends the entry index.
+    Token(String),
+    /// A user's roles, or the names of all users or roles.
+    Names(Vec<String>),
+    Perms(Vec<Permission>),
+}
+
 /// Mutations: each one is a raft entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteRequest {
@@ -206,6 +296,7 @@ pub enum WriteRequest {
         client_urls: Vec<String>,
         native_urls: Vec<String>,
     },
+    Auth(AuthRequest),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +314,7 @@ pub enum WriteResponse {
     LeaseCheckpoint,
     /// The membership after a member change or publish.
     Members(Vec<crate::cluster::Member>),
+    Auth(AuthResponse),
 }
 
 /// A lease as stored: its granted TTL and the remaining TTL of the last checkpoint

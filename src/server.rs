@@ -412,6 +412,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
     let mut mb = Mailboxes::new(shards);
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tokens = std::sync::Arc::new(crate::storage::auth::Tokens::default());
+    tokens.sync_enabled(&rec.backend);
     let (bridge_txs, mut bridge_rxs): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| {
             let (tx, rx) = crate::actors::bridge::channel();
@@ -444,6 +446,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             min_lease_ttl_secs: cfg.min_lease_ttl_secs(),
             watch_progress_interval: cfg.watch_progress_notify_interval,
             snap_dir: cfg.snap_dir(),
+            tokens: tokens.clone(),
         };
         // Endpoints of the actors placed on this shard.
         let raft = if i == cfg.raft_shard {
@@ -504,6 +507,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     applied_term,
                     watching: watching.clone(),
                     lease_checkpoint_interval: cfg.lease_checkpoint_interval,
+                    tokens: tokens.clone(),
                 },
                 mb.raft_to_apply.1.take().expect("rx"),
                 mb.net_to_apply
@@ -655,8 +659,13 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             .map_err(|e| format!("start shard {i}: {e}"))?;
         handles.push(handle);
     }
-    let gateway =
-        crate::api::v3rpc::Gateway::new(bridge_txs, cfg.raft_shard, cfg.max_request_bytes as usize);
+    let gateway = crate::api::v3rpc::Gateway::new(
+        bridge_txs,
+        cfg.raft_shard,
+        cfg.max_request_bytes as usize,
+        rec.backend.clone(),
+        tokens,
+    );
     if cfg.grpc_keepalive_min_time != std::time::Duration::from_secs(5) {
         tracing::warn!(
             "--grpc-keepalive-min-time is accepted for etcd configurations but not enforced"

@@ -159,7 +159,8 @@ impl Model {
             }
             WriteRequest::Alarm(_)
             | WriteRequest::LeaseCheckpoint(_)
-            | WriteRequest::PublishMember { .. } => {}
+            | WriteRequest::PublishMember { .. }
+            | WriteRequest::Auth(_) => {}
         }
         Ok(())
     }

@@ -6,7 +6,8 @@
 
 use super::lessor::Lessor;
 use super::*;
-use crate::model::{Header, LeaseTimeToLive};
+use crate::model::{AuthRequest, AuthResponse, Header, LeaseTimeToLive};
+use crate::storage::auth::Tokens;
 use crate::storage::backend::Backend;
 use crate::storage::mvcc::Applier;
 use ::raft::eraftpb::EntryType;
@@ -57,6 +58,9 @@ pub struct ApplyActor {
     watching: Arc<AtomicUsize>,
     lease_checkpoint_interval: Duration,
     last_lease_checkpoint: Instant,
+    tokens: Arc<Tokens>,
+    /// An applied auth enable/disable: refresh the front ends' flag once it is committed.
+    auth_flag_stale: Cell<bool>,
 }
 
 pub struct ApplySetup {
@@ -69,6 +73,7 @@ pub struct ApplySetup {
     pub applied_term: u64,
     pub watching: Arc<AtomicUsize>,
     pub lease_checkpoint_interval: Duration,
+    pub tokens: Arc<Tokens>,
 }
 
 fn fatal(e: impl std::fmt::Display) -> ! {
@@ -97,6 +102,8 @@ impl ApplyActor {
             watching: s.watching,
             lease_checkpoint_interval: s.lease_checkpoint_interval,
             last_lease_checkpoint: now,
+            tokens: s.tokens,
+            auth_flag_stale: Cell::new(false),
             backend: s.backend,
             epoch: s.epoch,
             cluster_id: s.cluster_id,
@@ -208,6 +215,7 @@ impl ApplyActor {
         let leading = self.lessor.is_leader();
         self.lessor = Lessor::new(stored, Instant::now());
         self.lessor.set_leader(leading, Instant::now());
+        self.tokens.sync_enabled(&self.backend);
         tracing::info!(index, revision = rev_after, "snapshot installed");
         if rev_after > rev_before {
             // No events at hand: the hubs read the revisions from the store.
@@ -280,7 +288,10 @@ impl ApplyActor {
                     continue;
                 }
             };
-            let result = applier.apply(&proposal.req);
+            let mut result = applier.apply_as(&proposal.req, proposal.auth.as_ref());
+            if let (WriteRequest::Auth(a), Ok(r)) = (&proposal.req, &mut result) {
+                self.auth_applied(a, r, e.index);
+            }
             if let (WriteRequest::LeaseCheckpoint(cps), Ok(_)) = (&proposal.req, &result) {
                 self.lessor.checkpointed(cps);
             }
@@ -306,6 +317,9 @@ impl ApplyActor {
         let events = applier.take_events();
         let lease_changes = applier.take_lease_changes();
         applier.finish(last.0, last.1).unwrap_or_else(|e| fatal(e));
+        if self.auth_flag_stale.replace(false) {
+            self.tokens.sync_enabled(&self.backend);
+        }
         if removed_self {
             let msg = "this member has been permanently removed from the cluster";
             let _ = self.backend.sync();
@@ -328,6 +342,24 @@ impl ApplyActor {
             })
         });
         (replies, batch)
+    }
+
+    /// Token side effects of an applied auth request, on every member alike: an
+    /// Authenticate entry issues `prefix.index`; disable, user delete and password change
+    /// end tokens.
+    fn auth_applied(&self, req: &AuthRequest, resp: &mut WriteResponse, index: u64) {
+        if let (
+            AuthRequest::Authenticate { name, .. },
+            WriteResponse::Auth(AuthResponse::Token(t)),
+        ) = (req, &mut *resp)
+        {
+            t.push_str(&format!(".{index}"));
+            self.tokens.issue(t.clone(), name.clone());
+        }
+        self.tokens.invalidate(req);
+        if matches!(req, AuthRequest::Enable | AuthRequest::Disable) {
+            self.auth_flag_stale.set(true);
+        }
     }
 
     /// Stores a membership change with the configuration raft computed for it.
@@ -448,6 +480,7 @@ impl ApplyActor {
             epoch: 0,
             id: 0,
             req,
+            auth: None,
         };
         match postcard::to_allocvec(&proposal) {
             Ok(data) => {

@@ -33,14 +33,19 @@ async fn answer<T>(tx: Reply<T>, work: impl std::future::Future<Output = Result<
 
 pub enum BridgeRequest {
     Range(RangeRequest, Reply<(Header, RangeResponse)>),
-    Write(WriteRequest, Reply<(Header, WriteResponse)>),
+    Write(
+        WriteRequest,
+        Option<AuthUser>,
+        Reply<(Header, WriteResponse)>,
+    ),
+    Header(Reply<Header>),
     Alarm(AlarmRequest, Reply<(Header, Vec<AlarmMember>)>),
     Status(Reply<(Header, Status)>),
     HashKv(i64, Reply<(Header, crate::storage::mvcc::KvHash)>),
     Hash(Reply<(Header, u32)>),
     Snapshot(Reply<(Header, std::path::PathBuf)>),
     LeaseGrant(i64, i64, Reply<(Header, i64, i64)>),
-    LeaseRevoke(i64, Reply<Header>),
+    LeaseRevoke(i64, Option<AuthUser>, Reply<Header>),
     LeaseKeepAlive(i64, Reply<(Header, i64)>),
     LeaseTimeToLive(i64, bool, Reply<(Header, LeaseTimeToLive)>),
     LeaseList(Reply<(Header, Vec<i64>)>),
@@ -64,6 +69,8 @@ pub enum BridgeRequest {
 pub enum WatchCmd {
     Open(mpsc::Sender<WatchOut>),
     Create(WatchSpec),
+    /// A create the front end refused (permission denied): answered in stream order.
+    Refuse(i64, String),
     Cancel(i64),
     Progress,
     Close,
@@ -85,6 +92,7 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 match cmd {
                     WatchCmd::Open(tx) => shard.watch_open(stream, tx),
                     WatchCmd::Create(spec) => shard.watch_create(stream, spec),
+                    WatchCmd::Refuse(id, reason) => shard.watch_refuse(stream, id, reason),
                     WatchCmd::Cancel(id) => shard.watch_cancel(stream, id),
                     WatchCmd::Progress => shard.watch_progress(stream),
                     WatchCmd::Close => shard.watch_close(stream),
@@ -99,8 +107,11 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 BridgeRequest::Range(r, tx) => {
                     let _ = tx.send(shard.range(r).await);
                 }
-                BridgeRequest::Write(w, tx) => {
-                    let _ = tx.send(shard.write(w).await);
+                BridgeRequest::Write(w, who, tx) => {
+                    let _ = tx.send(shard.write_as(w, who).await);
+                }
+                BridgeRequest::Header(tx) => {
+                    let _ = tx.send(shard.current_header());
                 }
                 BridgeRequest::Alarm(a, tx) => {
                     let _ = tx.send(shard.alarm(a).await);
@@ -120,8 +131,8 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 BridgeRequest::LeaseGrant(id, ttl, tx) => {
                     let _ = tx.send(shard.lease_grant(id, ttl).await);
                 }
-                BridgeRequest::LeaseRevoke(id, tx) => {
-                    let _ = tx.send(shard.lease_revoke(id).await);
+                BridgeRequest::LeaseRevoke(id, who, tx) => {
+                    let _ = tx.send(shard.lease_revoke_as(id, who).await);
                 }
                 BridgeRequest::LeaseKeepAlive(id, tx) => {
                     let _ = tx.send(shard.lease_keepalive(id).await);

@@ -36,6 +36,9 @@ pub struct Proposal {
     pub epoch: u64,
     pub id: ReqId,
     pub req: WriteRequest,
+    /// The client's identity for the auth store's checks at apply time; None for the
+    /// server's own requests (lease expiry, alarms, publish), which are never refused.
+    pub auth: Option<crate::model::AuthUser>,
 }
 
 /// network -> raft

@@ -47,6 +47,7 @@ pub struct NetSettings {
     pub watch_progress_interval: Duration,
     /// Where copies for Maintenance.Snapshot are written before they are streamed.
     pub snap_dir: std::path::PathBuf,
+    pub tokens: Arc<crate::storage::auth::Tokens>,
 }
 
 pub struct Shard {
@@ -171,6 +172,10 @@ impl Shard {
     pub fn watch_create(&self, stream: StreamId, spec: WatchSpec) {
         self.hub.borrow_mut().create(stream, spec);
         self.kick_catch_up();
+    }
+
+    pub fn watch_refuse(&self, stream: StreamId, watch_id: i64, reason: String) {
+        self.hub.borrow_mut().refuse(stream, watch_id, reason);
     }
 
     pub fn watch_cancel(&self, stream: StreamId, watch_id: i64) {
@@ -304,9 +309,19 @@ impl Shard {
         Ok((self.header(rev), resp))
     }
 
+    /// A write of the server's own (never refused by the auth store).
     pub async fn write(
         self: &Rc<Self>,
         req: WriteRequest,
+    ) -> Result<(Header, WriteResponse), KvError> {
+        self.write_as(req, None).await
+    }
+
+    /// A write on behalf of `auth`'s user, judged by the auth store when applied.
+    pub async fn write_as(
+        self: &Rc<Self>,
+        req: WriteRequest,
+        auth: Option<AuthUser>,
     ) -> Result<(Header, WriteResponse), KvError> {
         validate::check_write(&req, self.settings.max_txn_ops)?;
         let grows = req.may_grow();
@@ -315,6 +330,7 @@ impl Shard {
             epoch: self.epoch,
             id,
             req,
+            auth,
         })?;
         if data.len() as u64 > self.settings.max_request_bytes {
             return Err(KvError::RequestTooLarge);
@@ -377,7 +393,7 @@ impl Shard {
     }
 
     /// The header for answers that carry the current revision without a raft round.
-    fn current_header(&self) -> Result<Header, KvError> {
+    pub fn current_header(&self) -> Result<Header, KvError> {
         let txn = self.backend.read_txn()?;
         let rev = mvcc::current_revision(&self.backend, &txn)?;
         self.observe_term(&txn)?;
@@ -409,7 +425,16 @@ impl Shard {
     }
 
     pub async fn lease_revoke(self: &Rc<Self>, id: i64) -> Result<Header, KvError> {
-        let (h, _) = self.write(WriteRequest::LeaseRevoke { id }).await?;
+        self.lease_revoke_as(id, None).await
+    }
+
+    /// A revoke on behalf of `who`: refused when an attached key is not theirs to delete.
+    pub async fn lease_revoke_as(
+        self: &Rc<Self>,
+        id: i64,
+        who: Option<AuthUser>,
+    ) -> Result<Header, KvError> {
+        let (h, _) = self.write_as(WriteRequest::LeaseRevoke { id }, who).await?;
         Ok(h)
     }
 
@@ -546,10 +571,22 @@ struct KvService {
 
 impl KvService {
     async fn permit(&self) -> Result<glommio::sync::Permit<'_>, capnp::Error> {
+        self.refuse_if_auth()?;
         self.permits
             .acquire_permit(1)
             .await
             .map_err(|e| capnp::Error::failed(format!("etcdserver: {e}")))
+    }
+}
+
+impl KvService {
+    /// The native protocol has no login yet: with auth enabled it serves nobody, answering
+    /// as etcd does a request without a user (rather than bypass the auth store).
+    fn refuse_if_auth(&self) -> Result<(), capnp::Error> {
+        if self.shard.settings.tokens.auth_enabled() {
+            return Err(to_capnp(KvError::UserEmpty));
+        }
+        Ok(())
     }
 }
 
@@ -751,6 +788,7 @@ impl kv::Server for KvService {
         params: kv::WatchParams,
         _results: kv::WatchResults,
     ) -> Result<(), capnp::Error> {
+        self.refuse_if_auth()?;
         // No permit: a watch lasts as long as the client wants it.
         let p = params.get()?;
         let spec = native::read_watch_req(p.get_req()?)?;
@@ -763,6 +801,7 @@ impl kv::Server for KvService {
         params: kv::LockParams,
         mut results: kv::LockResults,
     ) -> Result<(), capnp::Error> {
+        self.refuse_if_auth()?;
         let p = params.get()?;
         let (name, lease) = (p.get_name()?.to_vec(), p.get_lease());
         let (h, key) = self.shard.lock(name, lease).await.map_err(to_capnp)?;
@@ -789,6 +828,7 @@ impl kv::Server for KvService {
         params: kv::CampaignParams,
         mut results: kv::CampaignResults,
     ) -> Result<(), capnp::Error> {
+        self.refuse_if_auth()?;
         let p = params.get()?;
         let (name, lease, value) = (
             p.get_name()?.to_vec(),
@@ -851,6 +891,7 @@ impl kv::Server for KvService {
         params: kv::ObserveParams,
         _results: kv::ObserveResults,
     ) -> Result<(), capnp::Error> {
+        self.refuse_if_auth()?;
         let p = params.get()?;
         let name = p.get_name()?.to_vec();
         let sink = p.get_sink()?;

@@ -291,6 +291,16 @@ impl WatchHub {
         }
     }
 
+    /// Answers a create the front end refused (etcd: created + canceled with the reason).
+    pub fn refuse(&mut self, stream: StreamId, watch_id: i64, reason: String) {
+        let msg = WatchOut::Created {
+            header: self.header(),
+            watch_id,
+            error: Some(reason),
+        };
+        self.control(stream, msg);
+    }
+
     pub fn create(&mut self, stream: StreamId, mut spec: WatchSpec) {
         let header = self.header();
         let taken = |hub: &WatchHub, id: i64| hub.find(stream, id).is_some();

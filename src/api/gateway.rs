@@ -14,7 +14,7 @@ use crate::etcdpb::etcdserverpb::{
 use crate::etcdpb::mvccpb;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
@@ -40,9 +40,24 @@ pub fn router(g: Gateway) -> axum::Router {
         .route("/v3/cluster/member/promote", post(member_promote))
         .route("/v3/maintenance/transfer-leadership", post(move_leader))
         .merge(super::gateway_stream::routes())
+        .merge(super::gateway_auth::routes())
         .route("/health", get(health))
         .route("/version", get(version))
         .with_state(g)
+}
+
+/// A gRPC request carrying the HTTP `Authorization` header as its token, as grpc-gateway
+/// forwards it.
+pub(super) fn authed<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(v) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        req.metadata_mut().insert("token", v);
+    }
+    req
 }
 
 /// grpc-gateway's error body and HTTP status for a gRPC status.
@@ -95,6 +110,15 @@ fn camel(snake: &str) -> String {
 }
 
 /// A nested object field by its proto or camelCase name.
+/// A string field (absent: empty).
+pub(super) fn string(m: &Obj, name: &str) -> Result<String, tonic::Status> {
+    match field(m, name) {
+        None => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(bad(format!("{name}: expected a string"))),
+    }
+}
+
 pub(super) fn field_obj<'a>(m: &'a Obj, name: &str) -> Option<&'a Obj> {
     match field(m, name) {
         Some(Value::Object(o)) => Some(o),
@@ -155,7 +179,7 @@ pub(super) fn boolean(m: &Obj, name: &str) -> Result<bool, tonic::Status> {
 }
 
 /// An enum by name or number.
-fn enumeration(m: &Obj, name: &str, names: &[&str]) -> Result<i32, tonic::Status> {
+pub(super) fn enumeration(m: &Obj, name: &str, names: &[&str]) -> Result<i32, tonic::Status> {
     match field(m, name) {
         None => Ok(0),
         Some(Value::Number(n)) => Ok(n.as_i64().unwrap_or(0) as i32),
@@ -390,51 +414,51 @@ fn txn_json(r: &pb::TxnResponse) -> Value {
     Value::Object(o)
 }
 
-async fn range(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn range(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| range_req(&m)) {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Kv::range(&g, tonic::Request::new(req)).await {
+    match Kv::range(&g, authed(&headers, req)).await {
         Ok(r) => ok(range_json(r.get_ref())),
         Err(e) => error(e),
     }
 }
 
-async fn put(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn put(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| put_req(&m)) {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Kv::put(&g, tonic::Request::new(req)).await {
+    match Kv::put(&g, authed(&headers, req)).await {
         Ok(r) => ok(put_json(r.get_ref())),
         Err(e) => error(e),
     }
 }
 
-async fn delete_range(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn delete_range(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| delete_req(&m)) {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Kv::delete_range(&g, tonic::Request::new(req)).await {
+    match Kv::delete_range(&g, authed(&headers, req)).await {
         Ok(r) => ok(delete_json(r.get_ref())),
         Err(e) => error(e),
     }
 }
 
-async fn txn(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn txn(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| txn_req(&m, 0)) {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Kv::txn(&g, tonic::Request::new(req)).await {
+    match Kv::txn(&g, authed(&headers, req)).await {
         Ok(r) => ok(txn_json(r.get_ref())),
         Err(e) => error(e),
     }
 }
 
-async fn compaction(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn compaction(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::CompactionRequest {
             revision: int(&m, "revision")?,
@@ -444,7 +468,7 @@ async fn compaction(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Kv::compact(&g, tonic::Request::new(req)).await {
+    match Kv::compact(&g, authed(&headers, req)).await {
         Ok(r) => {
             let mut o = Obj::new();
             header_json(&mut o, &r.get_ref().header);
@@ -454,8 +478,8 @@ async fn compaction(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn status(State(g): State<Gateway>) -> Response {
-    match Maintenance::status(&g, tonic::Request::new(pb::StatusRequest {})).await {
+async fn status(State(g): State<Gateway>, headers: HeaderMap) -> Response {
+    match Maintenance::status(&g, authed(&headers, pb::StatusRequest {})).await {
         Ok(r) => {
             let s = r.get_ref();
             let mut o = Obj::new();
@@ -475,8 +499,8 @@ async fn status(State(g): State<Gateway>) -> Response {
     }
 }
 
-async fn hash(State(g): State<Gateway>) -> Response {
-    match Maintenance::hash(&g, tonic::Request::new(pb::HashRequest {})).await {
+async fn hash(State(g): State<Gateway>, headers: HeaderMap) -> Response {
+    match Maintenance::hash(&g, authed(&headers, pb::HashRequest {})).await {
         Ok(r) => {
             let mut o = Obj::new();
             header_json(&mut o, &r.get_ref().header);
@@ -487,7 +511,7 @@ async fn hash(State(g): State<Gateway>) -> Response {
     }
 }
 
-async fn hash_kv(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn hash_kv(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::HashKvRequest {
             revision: int(&m, "revision")?,
@@ -496,7 +520,7 @@ async fn hash_kv(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Maintenance::hash_kv(&g, tonic::Request::new(req)).await {
+    match Maintenance::hash_kv(&g, authed(&headers, req)).await {
         Ok(r) => {
             let mut o = Obj::new();
             header_json(&mut o, &r.get_ref().header);
@@ -512,7 +536,7 @@ async fn hash_kv(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn alarm(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn alarm(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     const ALARMS: [&str; 3] = ["NONE", "NOSPACE", "CORRUPT"];
     let req = match parse(&body).and_then(|m| {
         Ok(pb::AlarmRequest {
@@ -524,7 +548,7 @@ async fn alarm(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Maintenance::alarm(&g, tonic::Request::new(req)).await {
+    match Maintenance::alarm(&g, authed(&headers, req)).await {
         Ok(r) => {
             let mut o = Obj::new();
             header_json(&mut o, &r.get_ref().header);
@@ -587,14 +611,14 @@ fn strings(m: &Obj, name: &str) -> Result<Vec<String>, tonic::Status> {
     }
 }
 
-async fn member_list(State(g): State<Gateway>) -> Response {
-    match Cluster::member_list(&g, tonic::Request::new(pb::MemberListRequest::default())).await {
+async fn member_list(State(g): State<Gateway>, headers: HeaderMap) -> Response {
+    match Cluster::member_list(&g, authed(&headers, pb::MemberListRequest::default())).await {
         Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
         Err(e) => error(e),
     }
 }
 
-async fn member_add(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn member_add(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::MemberAddRequest {
             peer_ur_ls: strings(&m, "peerURLs")?,
@@ -604,7 +628,7 @@ async fn member_add(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Cluster::member_add(&g, tonic::Request::new(req)).await {
+    match Cluster::member_add(&g, authed(&headers, req)).await {
         Ok(r) => {
             let r = r.get_ref();
             members_json(&r.header, r.member.as_ref(), &r.members)
@@ -613,7 +637,7 @@ async fn member_add(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn member_remove(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn member_remove(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::MemberRemoveRequest {
             id: uint(&m, "ID")?,
@@ -622,13 +646,13 @@ async fn member_remove(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Cluster::member_remove(&g, tonic::Request::new(req)).await {
+    match Cluster::member_remove(&g, authed(&headers, req)).await {
         Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
         Err(e) => error(e),
     }
 }
 
-async fn member_update(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn member_update(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::MemberUpdateRequest {
             id: uint(&m, "ID")?,
@@ -638,13 +662,13 @@ async fn member_update(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Cluster::member_update(&g, tonic::Request::new(req)).await {
+    match Cluster::member_update(&g, authed(&headers, req)).await {
         Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
         Err(e) => error(e),
     }
 }
 
-async fn member_promote(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn member_promote(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::MemberPromoteRequest {
             id: uint(&m, "ID")?,
@@ -653,13 +677,13 @@ async fn member_promote(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Cluster::member_promote(&g, tonic::Request::new(req)).await {
+    match Cluster::member_promote(&g, authed(&headers, req)).await {
         Ok(r) => members_json(&r.get_ref().header, None, &r.get_ref().members),
         Err(e) => error(e),
     }
 }
 
-async fn move_leader(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn move_leader(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::MoveLeaderRequest {
             target_id: uint(&m, "targetID")?,
@@ -668,7 +692,7 @@ async fn move_leader(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Maintenance::move_leader(&g, tonic::Request::new(req)).await {
+    match Maintenance::move_leader(&g, authed(&headers, req)).await {
         Ok(r) => {
             let mut o = Obj::new();
             header_json(&mut o, &r.get_ref().header);
@@ -679,13 +703,18 @@ async fn move_leader(State(g): State<Gateway>, body: Bytes) -> Response {
 }
 
 /// etcd 3.4's /health: healthy when a linearizable read succeeds (and no alarm is raised).
+/// It reads as the server itself, so it answers the same with auth enabled (as etcd's
+/// internal QGET does).
 async fn health(State(g): State<Gateway>) -> Response {
-    let read = pb::RangeRequest {
+    let read = crate::model::RangeRequest {
         key: b"health".to_vec(),
         ..Default::default()
     };
     let alarms = pb::AlarmRequest::default();
-    let healthy = Kv::range(&g, tonic::Request::new(read)).await.is_ok()
+    let healthy = g
+        .call(|tx| crate::actors::bridge::BridgeRequest::Range(read, tx))
+        .await
+        .is_ok()
         && Maintenance::alarm(&g, tonic::Request::new(alarms))
             .await
             .is_ok_and(|r| r.get_ref().alarms.is_empty());

@@ -6,7 +6,7 @@
 //! leader,resign}), and the streamed /v3/election/observe and /v3/maintenance/snapshot.
 
 use super::gateway::{
-    b64, boolean, bytes, error, header_json, int, kv_json, ok, parse, put_nz, s64, Obj,
+    authed, b64, boolean, bytes, error, header_json, int, kv_json, ok, parse, put_nz, s64, Obj,
 };
 use super::v3rpc::Gateway;
 use super::v3watch::{to_pb, CloseOnDrop, NEXT_STREAM};
@@ -18,8 +18,10 @@ use crate::etcdpb::v3electionpb as epb;
 use crate::etcdpb::v3electionpb::election_server::Election;
 use crate::etcdpb::v3lockpb as lpb;
 use crate::etcdpb::v3lockpb::lock_server::Lock;
+use crate::model::PermType;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use futures::channel::mpsc;
@@ -69,7 +71,7 @@ fn leader_key_json(l: &epb::LeaderKey) -> Value {
     Value::Object(o)
 }
 
-async fn lock(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn lock(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(lpb::LockRequest {
             name: bytes(&m, "name")?,
@@ -79,7 +81,7 @@ async fn lock(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Lock::lock(&g, tonic::Request::new(req)).await {
+    match Lock::lock(&g, authed(&headers, req)).await {
         Ok(r) => {
             let r = r.get_ref();
             let mut o = with_header(&r.header);
@@ -90,7 +92,7 @@ async fn lock(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn unlock(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn unlock(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(lpb::UnlockRequest {
             key: bytes(&m, "key")?,
@@ -99,13 +101,13 @@ async fn unlock(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Lock::unlock(&g, tonic::Request::new(req)).await {
+    match Lock::unlock(&g, authed(&headers, req)).await {
         Ok(r) => ok(Value::Object(with_header(&r.get_ref().header))),
         Err(e) => error(e),
     }
 }
 
-async fn campaign(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn campaign(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(epb::CampaignRequest {
             name: bytes(&m, "name")?,
@@ -116,7 +118,7 @@ async fn campaign(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Election::campaign(&g, tonic::Request::new(req)).await {
+    match Election::campaign(&g, authed(&headers, req)).await {
         Ok(r) => {
             let r = r.get_ref();
             let mut o = with_header(&r.header);
@@ -129,7 +131,7 @@ async fn campaign(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn proclaim(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn proclaim(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(epb::ProclaimRequest {
             leader: leader_key(&m)?,
@@ -139,13 +141,13 @@ async fn proclaim(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Election::proclaim(&g, tonic::Request::new(req)).await {
+    match Election::proclaim(&g, authed(&headers, req)).await {
         Ok(r) => ok(Value::Object(with_header(&r.get_ref().header))),
         Err(e) => error(e),
     }
 }
 
-async fn leader(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn leader(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(epb::LeaderRequest {
             name: bytes(&m, "name")?,
@@ -154,7 +156,7 @@ async fn leader(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Election::leader(&g, tonic::Request::new(req)).await {
+    match Election::leader(&g, authed(&headers, req)).await {
         Ok(r) => {
             let r = r.get_ref();
             let mut o = with_header(&r.header);
@@ -167,7 +169,7 @@ async fn leader(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn resign(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn resign(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(epb::ResignRequest {
             leader: leader_key(&m)?,
@@ -176,7 +178,7 @@ async fn resign(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Election::resign(&g, tonic::Request::new(req)).await {
+    match Election::resign(&g, authed(&headers, req)).await {
         Ok(r) => ok(Value::Object(with_header(&r.get_ref().header))),
         Err(e) => error(e),
     }
@@ -188,7 +190,7 @@ fn with_header(h: &Option<pb::ResponseHeader>) -> Obj {
     o
 }
 
-async fn grant(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn grant(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::LeaseGrantRequest {
             ttl: int(&m, "TTL")?,
@@ -198,7 +200,7 @@ async fn grant(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Lease::lease_grant(&g, tonic::Request::new(req)).await {
+    match Lease::lease_grant(&g, authed(&headers, req)).await {
         Ok(r) => {
             let r = r.get_ref();
             let mut o = with_header(&r.header);
@@ -210,18 +212,18 @@ async fn grant(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn revoke(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn revoke(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| Ok(pb::LeaseRevokeRequest { id: int(&m, "ID")? })) {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Lease::lease_revoke(&g, tonic::Request::new(req)).await {
+    match Lease::lease_revoke(&g, authed(&headers, req)).await {
         Ok(r) => ok(Value::Object(with_header(&r.get_ref().header))),
         Err(e) => error(e),
     }
 }
 
-async fn time_to_live(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn time_to_live(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(pb::LeaseTimeToLiveRequest {
             id: int(&m, "ID")?,
@@ -231,7 +233,7 @@ async fn time_to_live(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Lease::lease_time_to_live(&g, tonic::Request::new(req)).await {
+    match Lease::lease_time_to_live(&g, authed(&headers, req)).await {
         Ok(r) => {
             let r = r.get_ref();
             let mut o = with_header(&r.header);
@@ -249,8 +251,8 @@ async fn time_to_live(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn leases(State(g): State<Gateway>) -> Response {
-    match Lease::lease_leases(&g, tonic::Request::new(pb::LeaseLeasesRequest {})).await {
+async fn leases(State(g): State<Gateway>, headers: HeaderMap) -> Response {
+    match Lease::lease_leases(&g, authed(&headers, pb::LeaseLeasesRequest {})).await {
         Ok(r) => {
             let r = r.get_ref();
             let mut o = with_header(&r.header);
@@ -305,7 +307,7 @@ where
         .unwrap_or_else(|_| error(tonic::Status::internal("building the response")))
 }
 
-async fn observe(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn observe(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body).and_then(|m| {
         Ok(epb::LeaderRequest {
             name: bytes(&m, "name")?,
@@ -314,7 +316,7 @@ async fn observe(State(g): State<Gateway>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    match Election::observe(&g, tonic::Request::new(req)).await {
+    match Election::observe(&g, authed(&headers, req)).await {
         Ok(r) => stream_results(r.into_inner(), |resp: &epb::LeaderResponse| {
             let mut o = with_header(&resp.header);
             if let Some(kv) = &resp.kv {
@@ -326,9 +328,9 @@ async fn observe(State(g): State<Gateway>, body: Bytes) -> Response {
     }
 }
 
-async fn snapshot(State(g): State<Gateway>) -> Response {
+async fn snapshot(State(g): State<Gateway>, headers: HeaderMap) -> Response {
     use crate::etcdpb::etcdserverpb::maintenance_server::Maintenance;
-    match Maintenance::snapshot(&g, tonic::Request::new(pb::SnapshotRequest {})).await {
+    match Maintenance::snapshot(&g, authed(&headers, pb::SnapshotRequest {})).await {
         Ok(r) => stream_results(r.into_inner(), |resp: &pb::SnapshotResponse| {
             let mut o = with_header(&resp.header);
             put_nz(&mut o, "remaining_bytes", s64(resp.remaining_bytes));
@@ -421,10 +423,19 @@ fn watch_spec(m: &Obj) -> Result<WatchSpec, tonic::Status> {
 }
 
 /// POST /v3/watch {"create_request": {...}}: the watch's responses as a line stream.
-async fn watch(State(g): State<Gateway>, body: Bytes) -> Response {
+async fn watch(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let spec = match parse(&body).and_then(|m| watch_spec(&m)) {
         Ok(s) => s,
         Err(e) => return error(e),
+    };
+    let who = match g.caller(&authed(&headers, ())) {
+        Ok(w) => w,
+        Err(e) => return error(e),
+    };
+    let key: &[u8] = if spec.key.is_empty() { &[0] } else { &spec.key };
+    let create = match g.check_range(&who, key, &spec.range_end, PermType::Read) {
+        Ok(()) => WatchCmd::Create(spec),
+        Err(e) => WatchCmd::Refuse(spec.watch_id, super::v3watch::grpc_error_text(&e)),
     };
     let stream = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
     let mut bridge = g.shard_sender(g.pick_shard());
@@ -434,7 +445,7 @@ async fn watch(State(g): State<Gateway>, body: Bytes) -> Response {
         .await
         .is_ok()
         && bridge
-            .send(BridgeRequest::Watch(stream, WatchCmd::Create(spec)))
+            .send(BridgeRequest::Watch(stream, create))
             .await
             .is_ok();
     if !opened {

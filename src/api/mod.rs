@@ -1,7 +1,9 @@
 //! Front ends' shared pieces: the native protocol codec and etcd's request checks.
 pub mod gateway;
+pub mod gateway_auth;
 pub mod gateway_stream;
 pub mod native;
+pub mod v3auth;
 pub mod v3lease;
 pub mod v3lock;
 pub mod v3rpc;

@@ -50,8 +50,11 @@ impl Lease for Gateway {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let who = self.caller(&req)?;
         let id = req.into_inner().id;
-        let h = self.call(|tx| BridgeRequest::LeaseRevoke(id, tx)).await?;
+        let h = self
+            .call(|tx| BridgeRequest::LeaseRevoke(id, Some(who), tx))
+            .await?;
         Ok(Response::new(pb::LeaseRevokeResponse {
             header: header(&h),
         }))

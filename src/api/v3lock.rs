@@ -8,7 +8,7 @@ use crate::etcdpb::v3electionpb as epb;
 use crate::etcdpb::v3electionpb::election_server::Election;
 use crate::etcdpb::v3lockpb as lpb;
 use crate::etcdpb::v3lockpb::lock_server::Lock;
-use crate::model::LeaderKey;
+use crate::model::{LeaderKey, PermType};
 use futures::channel::oneshot;
 use futures::{SinkExt, StreamExt};
 use tonic::{Request, Response, Status};
@@ -39,7 +39,9 @@ impl Lock for Gateway {
         &self,
         req: Request<lpb::LockRequest>,
     ) -> Result<Response<lpb::LockResponse>, Status> {
+        let who = self.caller(&req)?;
         let r = req.into_inner();
+        self.check_recipe(&who, &r.name, true)?;
         let (h, key) = self
             .call(|tx| BridgeRequest::Lock(r.name, r.lease, tx))
             .await?;
@@ -53,7 +55,9 @@ impl Lock for Gateway {
         &self,
         req: Request<lpb::UnlockRequest>,
     ) -> Result<Response<lpb::UnlockResponse>, Status> {
+        let who = self.caller(&req)?;
         let key = req.into_inner().key;
+        self.check_range(&who, &key, &[], PermType::Write)?;
         let h = self.call(|tx| BridgeRequest::Unlock(key, tx)).await?;
         Ok(Response::new(lpb::UnlockResponse { header: header(&h) }))
     }
@@ -65,7 +69,9 @@ impl Election for Gateway {
         &self,
         req: Request<epb::CampaignRequest>,
     ) -> Result<Response<epb::CampaignResponse>, Status> {
+        let who = self.caller(&req)?;
         let r = req.into_inner();
+        self.check_recipe(&who, &r.name, true)?;
         let (h, leader) = self
             .call(|tx| BridgeRequest::Campaign(r.name, r.lease, r.value, tx))
             .await?;
@@ -79,8 +85,10 @@ impl Election for Gateway {
         &self,
         req: Request<epb::ProclaimRequest>,
     ) -> Result<Response<epb::ProclaimResponse>, Status> {
+        let who = self.caller(&req)?;
         let r = req.into_inner();
         let leader = leader_from_pb(r.leader)?;
+        self.check_range(&who, &leader.key, &[], PermType::Write)?;
         let h = self
             .call(|tx| BridgeRequest::Proclaim(leader, r.value, tx))
             .await?;
@@ -91,7 +99,9 @@ impl Election for Gateway {
         &self,
         req: Request<epb::LeaderRequest>,
     ) -> Result<Response<epb::LeaderResponse>, Status> {
+        let who = self.caller(&req)?;
         let name = req.into_inner().name;
+        self.check_recipe(&who, &name, false)?;
         let (h, kv) = self.call(|tx| BridgeRequest::Leader(name, tx)).await?;
         Ok(Response::new(epb::LeaderResponse {
             header: header(&h),
@@ -103,7 +113,9 @@ impl Election for Gateway {
         &self,
         req: Request<epb::LeaderRequest>,
     ) -> Result<Response<BoxStream<epb::LeaderResponse>>, Status> {
+        let who = self.caller(&req)?;
         let name = req.into_inner().name;
+        self.check_recipe(&who, &name, false)?;
         let (tx, rx) = oneshot::channel();
         let mut shard = self.shard_sender(self.pick_shard());
         let stopped = || to_status(KvError::Stopped);
@@ -126,7 +138,9 @@ impl Election for Gateway {
         &self,
         req: Request<epb::ResignRequest>,
     ) -> Result<Response<epb::ResignResponse>, Status> {
+        let who = self.caller(&req)?;
         let leader = leader_from_pb(req.into_inner().leader)?;
+        self.check_range(&who, &leader.key, &[], PermType::Write)?;
         let h = self.call(|tx| BridgeRequest::Resign(leader, tx)).await?;
         Ok(Response::new(epb::ResignResponse { header: header(&h) }))
     }

@@ -36,6 +36,9 @@ pub struct Gateway {
 }
 
 struct GatewayInner {
+    /// Read-only use: the auth store's checks before a request is bridged.
+    backend: crate::storage::backend::Backend,
+    tokens: Arc<crate::storage::auth::Tokens>,
     shards: Vec<mpsc::Sender<BridgeRequest>>,
     /// Writes go to the shard of the raft actor: one cross-shard hop fewer.
     raft_shard: usize,
@@ -54,6 +57,8 @@ pub(crate) fn to_status(e: KvError) -> Status {
         Code::Internal => tonic::Code::Internal,
         Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         Code::Unknown => tonic::Code::Unknown,
+        Code::PermissionDenied => tonic::Code::PermissionDenied,
+        Code::Unauthenticated => tonic::Code::Unauthenticated,
     };
     Status::new(code, e.to_string())
 }
@@ -69,10 +74,14 @@ impl Gateway {
         shards: Vec<mpsc::Sender<BridgeRequest>>,
         raft_shard: usize,
         max_request_bytes: usize,
+        backend: crate::storage::backend::Backend,
+        tokens: Arc<crate::storage::auth::Tokens>,
     ) -> Gateway {
         assert!(raft_shard < shards.len());
         Gateway {
             inner: Arc::new(GatewayInner {
+                backend,
+                tokens,
                 shards,
                 raft_shard,
                 next: AtomicUsize::new(0),
@@ -113,8 +122,26 @@ impl Gateway {
         self.inner.max_request_bytes
     }
 
-    async fn write(&self, req: WriteRequest) -> Result<(Header, WriteResponse), Status> {
-        self.call(|tx| BridgeRequest::Write(req, tx)).await
+    /// A write on behalf of `who` (None: no client identity, e.g. Authenticate's token).
+    pub(crate) async fn write_as(
+        &self,
+        req: WriteRequest,
+        who: Option<AuthUser>,
+    ) -> Result<(Header, WriteResponse), Status> {
+        self.call(|tx| BridgeRequest::Write(req, who, tx)).await
+    }
+
+    pub(crate) fn backend(&self) -> &crate::storage::backend::Backend {
+        &self.inner.backend
+    }
+
+    pub(crate) fn tokens(&self) -> &crate::storage::auth::Tokens {
+        &self.inner.tokens
+    }
+
+    /// A response header at the current revision (for answers that need no raft round).
+    pub(crate) async fn current_header(&self) -> Result<Header, Status> {
+        self.call(BridgeRequest::Header).await
     }
 }
 
@@ -339,26 +366,15 @@ struct SnapshotSend {
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Services whose features are not built yet: registered so clients get
-/// `Unimplemented` with a message naming the feature (an interceptor answers every call
-/// before tonic's default stubs would).
-#[derive(Clone, Copy, Default)]
-pub struct NotYetBuilt;
-
-#[tonic::async_trait]
-impl crate::etcdpb::etcdserverpb::auth_server::Auth for NotYetBuilt {}
-
-fn refuse(feature: &'static str) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |_req| Err(not_yet(feature))
-}
-
 #[tonic::async_trait]
 impl Kv for Gateway {
     async fn range(
         &self,
         req: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
+        let who = self.caller(&req)?;
         let r = range_from_pb(req.into_inner());
+        self.check_range(&who, &r.key, &r.range_end, PermType::Read)?;
         let (h, resp) = self.call(|tx| BridgeRequest::Range(r, tx)).await?;
         Ok(Response::new(range_to_pb(&h, resp)))
     }
@@ -371,8 +387,9 @@ impl Kv for Gateway {
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let who = self.caller(&req)?;
         match self
-            .write(WriteRequest::Put(put_from_pb(req.into_inner())))
+            .write_as(WriteRequest::Put(put_from_pb(req.into_inner())), Some(who))
             .await?
         {
             (h, WriteResponse::Put(p)) => Ok(Response::new(put_to_pb(&h, p))),
@@ -384,8 +401,12 @@ impl Kv for Gateway {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let who = self.caller(&req)?;
         match self
-            .write(WriteRequest::DeleteRange(delete_from_pb(req.into_inner())))
+            .write_as(
+                WriteRequest::DeleteRange(delete_from_pb(req.into_inner())),
+                Some(who),
+            )
             .await?
         {
             (h, WriteResponse::DeleteRange(d)) => Ok(Response::new(delete_to_pb(&h, d))),
@@ -394,8 +415,9 @@ impl Kv for Gateway {
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let who = self.caller(&req)?;
         let t = txn_from_pb(req.into_inner(), 0)?;
-        match self.write(WriteRequest::Txn(t)).await? {
+        match self.write_as(WriteRequest::Txn(t), Some(who)).await? {
             (h, WriteResponse::Txn(t)) => Ok(Response::new(txn_to_pb(&h, t))),
             _ => Err(unexpected()),
         }
@@ -405,12 +427,13 @@ impl Kv for Gateway {
         &self,
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
+        let who = self.caller(&req)?;
         let c = req.into_inner();
         let req = WriteRequest::Compact(CompactionRequest {
             revision: c.revision,
             physical: c.physical,
         });
-        let (h, _) = self.write(req).await?;
+        let (h, _) = self.write_as(req, Some(who)).await?;
         Ok(Response::new(pb::CompactionResponse { header: header(&h) }))
     }
 }
@@ -484,15 +507,17 @@ impl Maintenance for Gateway {
 
     async fn defragment(
         &self,
-        _req: Request<pb::DefragmentRequest>,
+        req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.check_maintenance_admin(&self.caller(&req)?)?;
         Err(not_yet("defragment"))
     }
 
     async fn hash(
         &self,
-        _req: Request<pb::HashRequest>,
+        req: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
+        self.check_maintenance_admin(&self.caller(&req)?)?;
         let (h, hash) = self.call(BridgeRequest::Hash).await?;
         Ok(Response::new(pb::HashResponse {
             header: header(&h),
@@ -504,6 +529,7 @@ impl Maintenance for Gateway {
         &self,
         req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.check_maintenance_admin(&self.caller(&req)?)?;
         let rev = req.into_inner().revision;
         let (h, kh) = self.call(|tx| BridgeRequest::HashKv(rev, tx)).await?;
         Ok(Response::new(pb::HashKvResponse {
@@ -519,8 +545,9 @@ impl Maintenance for Gateway {
     /// `remaining_bytes`, then one message holding the data's SHA-256.
     async fn snapshot(
         &self,
-        _req: Request<pb::SnapshotRequest>,
+        req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<BoxStream<pb::SnapshotResponse>>, Status> {
+        self.check_maintenance_admin(&self.caller(&req)?)?;
         let (_, path) = self.call(BridgeRequest::Snapshot).await?;
         let copy = SnapshotCopy(path);
         let file = tokio::fs::File::open(&copy.0)
@@ -606,6 +633,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
+        self.check_admin(&self.caller(&req)?)?;
         let r = req.into_inner();
         let (h, m, list) = self
             .call(|tx| BridgeRequest::MemberAdd(r.peer_ur_ls, r.is_learner, tx))
@@ -621,6 +649,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.check_admin(&self.caller(&req)?)?;
         let id = req.into_inner().id;
         let (h, list) = self.call(|tx| BridgeRequest::MemberRemove(id, tx)).await?;
         Ok(Response::new(pb::MemberRemoveResponse {
@@ -633,6 +662,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        self.check_admin(&self.caller(&req)?)?;
         let r = req.into_inner();
         let (h, list) = self
             .call(|tx| BridgeRequest::MemberUpdate(r.id, r.peer_ur_ls, tx))
@@ -658,6 +688,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        self.check_admin(&self.caller(&req)?)?;
         let id = req.into_inner().id;
         let (h, list) = self.call(|tx| BridgeRequest::MemberPromote(id, tx)).await?;
         Ok(Response::new(pb::MemberPromoteResponse {
@@ -717,7 +748,7 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result
                     .add_service(ClusterServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(WatchServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(LeaseServer::new(g.clone()).max_decoding_message_size(limit))
-                    .add_service(AuthServer::with_interceptor(NotYetBuilt, refuse("auth")))
+                    .add_service(AuthServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(LockServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(ElectionServer::new(g.clone()).max_decoding_message_size(limit));
                     // The JSON gateway shares the port, as etcd's does.

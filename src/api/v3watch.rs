@@ -9,7 +9,7 @@ use crate::error::KvError;
 use crate::etcdpb::etcdserverpb as pb;
 use crate::etcdpb::etcdserverpb::watch_server::Watch;
 use crate::etcdpb::mvccpb;
-use crate::model::{Event, EventKind};
+use crate::model::{Event, EventKind, PermType};
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
@@ -125,6 +125,18 @@ pub fn to_pb(m: WatchOut, max_bytes: usize) -> Vec<pb::WatchResponse> {
     }
 }
 
+/// A status as Go's grpc prints it (etcd puts this text in a refused watch's reason).
+pub(crate) fn grpc_error_text(e: &Status) -> String {
+    let code = match e.code() {
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        tonic::Code::FailedPrecondition => "FailedPrecondition",
+        _ => "Unknown",
+    };
+    format!("rpc error: code = {code} desc = {}", e.message())
+}
+
 /// Closes the hub's side when tonic drops the response stream (client gone).
 pub(crate) struct CloseOnDrop {
     pub(crate) stream: StreamId,
@@ -159,6 +171,8 @@ impl Watch for Gateway {
             .send(BridgeRequest::Watch(stream, WatchCmd::Open(tx)))
             .await
             .map_err(|_| to_status(KvError::Stopped))?;
+        let who = self.caller(&req)?;
+        let gateway = self.clone();
         let mut inbound = req.into_inner();
         let mut forward = bridge.clone();
         tokio::spawn(async move {
@@ -167,7 +181,14 @@ impl Watch for Gateway {
             while let Some(Ok(r)) = inbound.next().await {
                 use pb::watch_request::RequestUnion as U;
                 let cmd = match r.request_union {
-                    Some(U::CreateRequest(c)) => WatchCmd::Create(spec_from_pb(c)),
+                    Some(U::CreateRequest(c)) => {
+                        let spec = spec_from_pb(c);
+                        let key: &[u8] = if spec.key.is_empty() { &[0] } else { &spec.key };
+                        match gateway.check_range(&who, key, &spec.range_end, PermType::Read) {
+                            Ok(()) => WatchCmd::Create(spec),
+                            Err(e) => WatchCmd::Refuse(spec.watch_id, grpc_error_text(&e)),
+                        }
+                    }
                     Some(U::CancelRequest(c)) => WatchCmd::Cancel(c.watch_id),
                     Some(U::ProgressRequest(_)) => WatchCmd::Progress,
                     None => continue,

@@ -147,7 +147,8 @@ pub fn check_write(req: &WriteRequest, max_txn_ops: usize) -> Result<(), KvError
         | WriteRequest::LeaseGrant { .. }
         | WriteRequest::LeaseRevoke { .. }
         | WriteRequest::LeaseCheckpoint(_)
-        | WriteRequest::PublishMember { .. } => Ok(()),
+        | WriteRequest::PublishMember { .. }
+        | WriteRequest::Auth(_) => Ok(()),
     }
 }
 

@@ -7,6 +7,7 @@
 
 use crate::error::KvError;
 use crate::model::*;
+use crate::storage::auth;
 use crate::storage::backend::{meta_key, Backend};
 use heed::{RoTxn, RwTxn};
 use serde::{Deserialize, Serialize};
@@ -670,6 +671,26 @@ impl<'e> Applier<'e> {
     /// Applies one request atomically: validation happens before any write, so an error
     /// leaves the store untouched (as etcd checks a txn's puts before running it).
     pub fn apply(&mut self, req: &WriteRequest) -> Result<WriteResponse, KvError> {
+        self.apply_as(req, None)
+    }
+
+    /// `apply` on behalf of a client: the auth store's checks come first, against the
+    /// state every replica has at this entry (None: the server's own request).
+    pub fn apply_as(
+        &mut self,
+        req: &WriteRequest,
+        who: Option<&AuthUser>,
+    ) -> Result<WriteResponse, KvError> {
+        if let Some(who) = who {
+            self.check_permitted(req, who)?;
+        }
+        if let WriteRequest::Auth(a) = req {
+            let r = auth::apply(self.b, &mut self.txn, who, a);
+            if matches!(r, Err(KvError::Internal(_) | KvError::NoSpace)) {
+                self.poisoned = true; // a backend write failed part-way
+            }
+            return r.map(WriteResponse::Auth);
+        }
         if req.may_grow() && self.has_alarm(AlarmType::Nospace) {
             return Err(KvError::NoSpace);
         }
@@ -740,7 +761,70 @@ impl<'e> Applier<'e> {
                 self.poison_kv(r)?;
                 WriteResponse::Members(members)
             }
+            WriteRequest::Auth(_) => unreachable!("auth requests are applied by apply_as"),
         })
+    }
+
+    /// etcd's authApplierV3 checks: key permissions of puts, deletes and txns (reads too
+    /// when prev_kv is asked), and that a lease a put attaches to (or a revoke deletes
+    /// through) carries only keys this user may write.
+    fn check_permitted(&self, req: &WriteRequest, who: &AuthUser) -> Result<(), KvError> {
+        if !auth::enabled(self.b, &self.txn)? {
+            return Ok(());
+        }
+        match req {
+            WriteRequest::Put(_) | WriteRequest::DeleteRange(_) | WriteRequest::Txn(_) => {
+                self.check_op(req_op(req), who, 0)
+            }
+            WriteRequest::LeaseRevoke { id } => self.check_lease_keys(*id, who),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_op(&self, op: Option<OpRef>, who: &AuthUser, depth: usize) -> Result<(), KvError> {
+        use PermType::{Read, Write};
+        if depth > MAX_CHECKED_TXN_DEPTH {
+            return Err(KvError::Internal("txn nested too deeply".into()));
+        }
+        let (b, t) = (self.b, &self.txn);
+        match op {
+            None => Ok(()),
+            Some(OpRef::Range(r)) => auth::check_range(b, t, who, &r.key, &r.range_end, Read),
+            Some(OpRef::Put(p)) => {
+                auth::check_range(b, t, who, &p.key, &[], Write)?;
+                self.check_lease_keys(p.lease, who)?;
+                if p.prev_kv {
+                    auth::check_range(b, t, who, &p.key, &[], Read)?;
+                }
+                Ok(())
+            }
+            Some(OpRef::Delete(d)) => {
+                auth::check_range(b, t, who, &d.key, &d.range_end, Write)?;
+                if d.prev_kv {
+                    auth::check_range(b, t, who, &d.key, &d.range_end, Read)?;
+                }
+                Ok(())
+            }
+            Some(OpRef::Txn(tx)) => {
+                for c in &tx.compare {
+                    auth::check_range(b, t, who, &c.key, &c.range_end, Read)?;
+                }
+                for op in tx.success.iter().chain(tx.failure.iter()) {
+                    self.check_op(Some(OpRef::of(op)), who, depth + 1)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn check_lease_keys(&self, lease: i64, who: &AuthUser) -> Result<(), KvError> {
+        if lease == 0 {
+            return Ok(());
+        }
+        for key in lease_attached_keys(self.b, &self.txn, lease)? {
+            auth::check_range(self.b, &self.txn, who, &key, &[], PermType::Write)?;
+        }
+        Ok(())
     }
 
     /// Whether `id` is among the removed members (as of this txn).
@@ -1129,5 +1213,36 @@ impl<'e> Applier<'e> {
             .meta
             .put(&mut self.txn, meta_key::CONF_STATE, bytes)?;
         Ok(())
+    }
+}
+
+/// Front ends refuse deeper txns long before this; the bound keeps the walk finite.
+const MAX_CHECKED_TXN_DEPTH: usize = 128;
+
+/// A borrowed KV operation, for permission checks that walk txns.
+enum OpRef<'a> {
+    Range(&'a RangeRequest),
+    Put(&'a PutRequest),
+    Delete(&'a DeleteRangeRequest),
+    Txn(&'a TxnRequest),
+}
+
+impl<'a> OpRef<'a> {
+    fn of(op: &'a RequestOp) -> OpRef<'a> {
+        match op {
+            RequestOp::Range(r) => OpRef::Range(r),
+            RequestOp::Put(p) => OpRef::Put(p),
+            RequestOp::DeleteRange(d) => OpRef::Delete(d),
+            RequestOp::Txn(t) => OpRef::Txn(t),
+        }
+    }
+}
+
+fn req_op(req: &WriteRequest) -> Option<OpRef<'_>> {
+    match req {
+        WriteRequest::Put(p) => Some(OpRef::Put(p)),
+        WriteRequest::DeleteRange(d) => Some(OpRef::Delete(d)),
+        WriteRequest::Txn(t) => Some(OpRef::Txn(t)),
+        _ => None,
     }
 }

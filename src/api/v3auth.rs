@@ -1,0 +1,437 @@
+//! etcd's Auth service and the auth checks every gRPC front-end call makes (etcd's
+//! `v3rpc/auth.go` + the AuthInfo handling of `etcdserver/v3_server.go`): tokens from the
+//! `token` metadata (the JSON gateway passes `Authorization`), reads and watches checked
+//! here against the replicated auth store, writes stamped with the user and checked when
+//! applied, admin-only calls refused unless the user holds the root role.
+
+use super::v3rpc::{header, Gateway};
+use crate::error::KvError;
+use crate::etcdpb::authpb;
+use crate::etcdpb::etcdserverpb as pb;
+use crate::etcdpb::etcdserverpb::auth_server::Auth;
+use crate::model::*;
+use crate::storage::auth as store;
+use tonic::{Request, Response, Status};
+
+/// Metadata keys a token arrives under: clientv3's, and grpc-gateway's header.
+const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
+
+impl Gateway {
+    /// Who sent `req`: the user its token names (with the auth revision of this check), or
+    /// an empty user when it has none. A token that is not (or no longer) valid is refused.
+    pub(crate) fn caller<T>(&self, req: &Request<T>) -> Result<AuthUser, Status> {
+        let token = TOKEN_KEYS
+            .iter()
+            .find_map(|k| req.metadata().get(*k))
+            .and_then(|v| v.to_str().ok());
+        let Some(token) = token else {
+            return Ok(AuthUser::default());
+        };
+        let name = self
+            .tokens()
+            .user(token)
+            .ok_or_else(|| super::v3rpc::to_status(KvError::InvalidAuthToken))?;
+        let b = self.backend();
+        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
+        let revision = store::revision(b, &txn).map_err(super::v3rpc::to_status)?;
+        Ok(AuthUser { name, revision })
+    }
+
+    /// May `who` do `need` on `[key, range_end)` (checked before serving; etcd's
+    /// IsRangePermitted for reads and watches)?
+    pub(crate) fn check_range(
+        &self,
+        who: &AuthUser,
+        key: &[u8],
+        range_end: &[u8],
+        need: PermType,
+    ) -> Result<(), Status> {
+        let b = self.backend();
+        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
+        store::check_range(b, &txn, who, key, range_end, need).map_err(super::v3rpc::to_status)
+    }
+
+    /// etcd's IsAdminPermitted for membership changes.
+    pub(crate) fn check_admin(&self, who: &AuthUser) -> Result<(), Status> {
+        self.admin(who).map_err(super::v3rpc::to_status)
+    }
+
+    /// IsAdminPermitted as etcd 3.4's maintenance services answer it: the auth package's
+    /// own error text with gRPC code Unknown (etcd does not map these).
+    pub(crate) fn check_maintenance_admin(&self, who: &AuthUser) -> Result<(), Status> {
+        self.admin(who).map_err(|e| {
+            Status::unknown(match e {
+                KvError::UserEmpty => "auth: user name is empty".to_string(),
+                KvError::UserNotFound => "auth: user not found".to_string(),
+                KvError::PermissionDenied => "auth: permission denied".to_string(),
+                other => other.to_string(),
+            })
+        })
+    }
+
+    fn admin(&self, who: &AuthUser) -> Result<(), KvError> {
+        let b = self.backend();
+        let txn = b.read_txn()?;
+        store::check_admin(b, &txn, who)
+    }
+
+    /// A lock or election works on the keys under `name/`: the user must read and write them
+    /// (etcd's recipes run as the caller's own KV requests).
+    pub(crate) fn check_recipe(
+        &self,
+        who: &AuthUser,
+        name: &[u8],
+        write: bool,
+    ) -> Result<(), Status> {
+        let prefix = [name, b"/"].concat();
+        let end = prefix_end(&prefix);
+        self.check_range(who, &prefix, &end, PermType::Read)?;
+        if write {
+            self.check_range(who, &prefix, &end, PermType::Write)?;
+        }
+        Ok(())
+    }
+
+    async fn auth_write<T>(
+        &self,
+        req: &Request<T>,
+        a: AuthRequest,
+    ) -> Result<(pb::ResponseHeader, AuthResponse), Status> {
+        let who = self.caller(req)?;
+        self.auth_write_as(Some(who), a).await
+    }
+
+    async fn auth_write_as(
+        &self,
+        who: Option<AuthUser>,
+        a: AuthRequest,
+    ) -> Result<(pb::ResponseHeader, AuthResponse), Status> {
+        match self.write_as(WriteRequest::Auth(a), who).await? {
+            (h, WriteResponse::Auth(r)) => Ok((header(&h).unwrap_or_default(), r)),
+            _ => Err(Status::internal("etcdserver: unexpected auth response")),
+        }
+    }
+
+    fn auth_enabled(&self) -> Result<bool, Status> {
+        let b = self.backend();
+        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
+        store::enabled(b, &txn).map_err(super::v3rpc::to_status)
+    }
+}
+
+/// bcrypt on tokio's blocking pool: tens of ms of CPU must not stall the gRPC threads.
+async fn hash_off_thread(password: String) -> Result<String, Status> {
+    tokio::task::spawn_blocking(move || store::hash_password(&password))
+        .await
+        .map_err(|e| Status::internal(format!("etcdserver: bcrypt task: {e}")))?
+        .map_err(super::v3rpc::to_status)
+}
+
+/// The stored hash for a user add or password change (3.5 clients may send it hashed).
+async fn new_password_hash(
+    password: String,
+    hashed: String,
+    no_password: bool,
+) -> Result<Option<String>, Status> {
+    if no_password {
+        Ok(None)
+    } else if !hashed.is_empty() {
+        Ok(Some(hashed))
+    } else {
+        Ok(Some(hash_off_thread(password).await?))
+    }
+}
+
+fn perm_from_pb(p: authpb::Permission) -> Permission {
+    Permission {
+        perm_type: match p.perm_type {
+            1 => PermType::Write,
+            2 => PermType::ReadWrite,
+            _ => PermType::Read,
+        },
+        key: p.key,
+        range_end: p.range_end,
+    }
+}
+
+fn perm_to_pb(p: Permission) -> authpb::Permission {
+    authpb::Permission {
+        perm_type: match p.perm_type {
+            PermType::Read => 0,
+            PermType::Write => 1,
+            PermType::ReadWrite => 2,
+        },
+        key: p.key,
+        range_end: p.range_end,
+    }
+}
+
+fn names(r: AuthResponse) -> Vec<String> {
+    match r {
+        AuthResponse::Names(n) => n,
+        _ => Vec::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl Auth for Gateway {
+    async fn auth_enable(
+        &self,
+        req: Request<pb::AuthEnableRequest>,
+    ) -> Result<Response<pb::AuthEnableResponse>, Status> {
+        let (h, _) = self.auth_write(&req, AuthRequest::Enable).await?;
+        Ok(Response::new(pb::AuthEnableResponse { header: Some(h) }))
+    }
+
+    async fn auth_disable(
+        &self,
+        req: Request<pb::AuthDisableRequest>,
+    ) -> Result<Response<pb::AuthDisableResponse>, Status> {
+        let (h, _) = self.auth_write(&req, AuthRequest::Disable).await?;
+        Ok(Response::new(pb::AuthDisableResponse { header: Some(h) }))
+    }
+
+    async fn auth_status(
+        &self,
+        _req: Request<pb::AuthStatusRequest>,
+    ) -> Result<Response<pb::AuthStatusResponse>, Status> {
+        let h = self.current_header().await?;
+        let b = self.backend();
+        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
+        let enabled = store::enabled(b, &txn).map_err(super::v3rpc::to_status)?;
+        let auth_revision = store::revision(b, &txn).map_err(super::v3rpc::to_status)?;
+        Ok(Response::new(pb::AuthStatusResponse {
+            header: header(&h),
+            enabled,
+            auth_revision,
+        }))
+    }
+
+    /// Checks the password here (bcrypt, off the gRPC threads), then issues the token
+    /// through raft so every member knows it, as etcd does.
+    async fn authenticate(
+        &self,
+        req: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        let r = req.into_inner();
+        if !self.auth_enabled()? {
+            return Err(super::v3rpc::to_status(KvError::AuthNotEnabled));
+        }
+        let stored = {
+            let b = self.backend();
+            let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
+            store::password_hash(b, &txn, &r.name).map_err(super::v3rpc::to_status)?
+        };
+        let Some(stored) = stored else {
+            return Err(super::v3rpc::to_status(KvError::AuthFailed));
+        };
+        let password = r.password;
+        let ok = tokio::task::spawn_blocking(move || store::password_matches(&password, &stored))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            return Err(super::v3rpc::to_status(KvError::AuthFailed));
+        }
+        let token_prefix = store::token_prefix().map_err(super::v3rpc::to_status)?;
+        let a = AuthRequest::Authenticate {
+            name: r.name,
+            token_prefix,
+        };
+        match self.auth_write_as(None, a).await? {
+            (h, AuthResponse::Token(token)) => Ok(Response::new(pb::AuthenticateResponse {
+                header: Some(h),
+                token,
+            })),
+            _ => Err(Status::internal(
+                "etcdserver: unexpected authenticate response",
+            )),
+        }
+    }
+
+    async fn user_add(
+        &self,
+        req: Request<pb::AuthUserAddRequest>,
+    ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
+        let who = self.caller(&req)?;
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(super::v3rpc::to_status(KvError::UserEmpty));
+        }
+        let no_password = r.options.is_some_and(|o| o.no_password);
+        let password_hash = new_password_hash(r.password, r.hashed_password, no_password).await?;
+        let a = AuthRequest::UserAdd {
+            name: r.name,
+            password_hash,
+        };
+        let (h, _) = self.auth_write_as(Some(who), a).await?;
+        Ok(Response::new(pb::AuthUserAddResponse { header: Some(h) }))
+    }
+
+    async fn user_get(
+        &self,
+        req: Request<pb::AuthUserGetRequest>,
+    ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        let (h, r) = self.auth_write(&req, AuthRequest::UserGet { name }).await?;
+        Ok(Response::new(pb::AuthUserGetResponse {
+            header: Some(h),
+            roles: names(r),
+        }))
+    }
+
+    async fn user_list(
+        &self,
+        req: Request<pb::AuthUserListRequest>,
+    ) -> Result<Response<pb::AuthUserListResponse>, Status> {
+        let (h, r) = self.auth_write(&req, AuthRequest::UserList).await?;
+        Ok(Response::new(pb::AuthUserListResponse {
+            header: Some(h),
+            users: names(r),
+        }))
+    }
+
+    async fn user_delete(
+        &self,
+        req: Request<pb::AuthUserDeleteRequest>,
+    ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        let (h, _) = self
+            .auth_write(&req, AuthRequest::UserDelete { name })
+            .await?;
+        Ok(Response::new(pb::AuthUserDeleteResponse {
+            header: Some(h),
+        }))
+    }
+
+    async fn user_change_password(
+        &self,
+        req: Request<pb::AuthUserChangePasswordRequest>,
+    ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
+        let who = self.caller(&req)?;
+        // Refuse before spending a bcrypt round on a caller who may not do this.
+        self.check_admin(&who)?;
+        let r = req.into_inner();
+        let password_hash = new_password_hash(r.password, r.hashed_password, false).await?;
+        let a = AuthRequest::UserChangePassword {
+            name: r.name,
+            password_hash,
+        };
+        let (h, _) = self.auth_write_as(Some(who), a).await?;
+        Ok(Response::new(pb::AuthUserChangePasswordResponse {
+            header: Some(h),
+        }))
+    }
+
+    async fn user_grant_role(
+        &self,
+        req: Request<pb::AuthUserGrantRoleRequest>,
+    ) -> Result<Response<pb::AuthUserGrantRoleResponse>, Status> {
+        let r = req.get_ref().clone();
+        let a = AuthRequest::UserGrantRole {
+            user: r.user,
+            role: r.role,
+        };
+        let (h, _) = self.auth_write(&req, a).await?;
+        Ok(Response::new(pb::AuthUserGrantRoleResponse {
+            header: Some(h),
+        }))
+    }
+
+    async fn user_revoke_role(
+        &self,
+        req: Request<pb::AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
+        let r = req.get_ref().clone();
+        let a = AuthRequest::UserRevokeRole {
+            user: r.name,
+            role: r.role,
+        };
+        let (h, _) = self.auth_write(&req, a).await?;
+        Ok(Response::new(pb::AuthUserRevokeRoleResponse {
+            header: Some(h),
+        }))
+    }
+
+    async fn role_add(
+        &self,
+        req: Request<pb::AuthRoleAddRequest>,
+    ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        let (h, _) = self.auth_write(&req, AuthRequest::RoleAdd { name }).await?;
+        Ok(Response::new(pb::AuthRoleAddResponse { header: Some(h) }))
+    }
+
+    async fn role_get(
+        &self,
+        req: Request<pb::AuthRoleGetRequest>,
+    ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
+        let name = req.get_ref().role.clone();
+        let (h, r) = self.auth_write(&req, AuthRequest::RoleGet { name }).await?;
+        let perm = match r {
+            AuthResponse::Perms(p) => p.into_iter().map(perm_to_pb).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Response::new(pb::AuthRoleGetResponse {
+            header: Some(h),
+            perm,
+        }))
+    }
+
+    async fn role_list(
+        &self,
+        req: Request<pb::AuthRoleListRequest>,
+    ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
+        let (h, r) = self.auth_write(&req, AuthRequest::RoleList).await?;
+        Ok(Response::new(pb::AuthRoleListResponse {
+            header: Some(h),
+            roles: names(r),
+        }))
+    }
+
+    async fn role_delete(
+        &self,
+        req: Request<pb::AuthRoleDeleteRequest>,
+    ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
+        let name = req.get_ref().role.clone();
+        let (h, _) = self
+            .auth_write(&req, AuthRequest::RoleDelete { name })
+            .await?;
+        Ok(Response::new(pb::AuthRoleDeleteResponse {
+            header: Some(h),
+        }))
+    }
+
+    async fn role_grant_permission(
+        &self,
+        req: Request<pb::AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<pb::AuthRoleGrantPermissionResponse>, Status> {
+        let r = req.get_ref().clone();
+        let Some(perm) = r.perm else {
+            return Err(Status::invalid_argument("etcdserver: permission not given"));
+        };
+        let a = AuthRequest::RoleGrantPermission {
+            name: r.name,
+            perm: perm_from_pb(perm),
+        };
+        let (h, _) = self.auth_write(&req, a).await?;
+        Ok(Response::new(pb::AuthRoleGrantPermissionResponse {
+            header: Some(h),
+        }))
+    }
+
+    async fn role_revoke_permission(
+        &self,
+        req: Request<pb::AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
+        let r = req.get_ref().clone();
+        let a = AuthRequest::RoleRevokePermission {
+            name: r.role,
+            key: r.key,
+            range_end: r.range_end,
+        };
+        let (h, _) = self.auth_write(&req, a).await?;
+        Ok(Response::new(pb::AuthRoleRevokePermissionResponse {
+            header: Some(h),
+        }))
+    }
+}
