@@ -71,6 +71,8 @@ pub(super) fn error(s: tonic::Status) -> Response {
         Unimplemented => StatusCode::NOT_IMPLEMENTED,
         Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Unauthenticated => StatusCode::UNAUTHORIZED,
+        PermissionDenied => StatusCode::FORBIDDEN,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let body = json!({"error": s.message(), "message": s.message(), "code": s.code() as i32});

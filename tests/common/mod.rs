@@ -110,9 +110,11 @@ impl Server {
                     );
                 }
             }
-            // Ready once a linearizable read succeeds (leader elected, WAL open).
+            // Ready once a linearizable read succeeds (leader elected, WAL open), or is
+            // refused for want of a user (auth enabled: the native port serves nobody).
             let out = self.ctl(&["get", "readiness-probe"]);
-            if out.status.success() {
+            let refused = String::from_utf8_lossy(&out.stderr).contains("user name is empty");
+            if out.status.success() || refused {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
