@@ -74,6 +74,13 @@ enum Cmd {
     Lease(LeaseCmd),
     /// Watches events stream on keys or prefixes.
     Watch(WatchArgs),
+    /// Defragments a stopped member's data dir (`--data-dir`), as `etcdctl defrag
+    /// --data-dir` does; online defragmentation is not built yet.
+    Defrag {
+        /// Data directory of a member that is not running.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+    },
     /// Manages snapshots (save one with `etcdctl snapshot save` over the gRPC port).
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -114,6 +121,30 @@ enum SnapshotCmd {
         #[arg(long)]
         skip_hash_check: bool,
     },
+}
+
+fn defrag(data_dir: Option<&std::path::Path>) -> Result<String, KvError> {
+    let Some(dir) = data_dir else {
+        return Err(KvError::Client(
+            "corekv: defragment of a running member is not implemented yet; stop it and run \
+             `corekv defrag --data-dir DIR`"
+                .into(),
+        ));
+    };
+    let db = dir.join("member").join("db");
+    if !db.join("data.mdb").exists() {
+        return Err(KvError::Client(format!(
+            "no corekv data in {:?}",
+            dir.display().to_string()
+        )));
+    }
+    let _lock = corekv::server::lock_member_dir(dir).map_err(KvError::Client)?;
+    let (before, after) = corekv::storage::backend::defragment_offline(&db)?;
+    tracing::info!(before, after, "defragmented");
+    Ok(format!(
+        "Finished defragmenting etcd data[{}]\n",
+        dir.display()
+    ))
 }
 
 fn snapshot_restore(
@@ -233,6 +264,7 @@ fn main() {
                 Err(e) => Err(e),
             }
         }
+        Cmd::Defrag { data_dir } => defrag(data_dir.as_deref()),
         Cmd::Snapshot(SnapshotCmd::Status { file }) => corekv::storage::snapshot::status(&file)
             .map_err(KvError::Client)
             .and_then(|st| cli::output::snapshot_status(format, &st)),

@@ -276,8 +276,14 @@ fn exit_fatal(msg: String) -> ! {
 /// Takes an exclusive lock on the data dir for the life of the process, so a second
 /// server can never write the same WAL and LMDB.
 fn lock_data_dir(cfg: &ServeConfig) -> Result<std::fs::File, String> {
+    lock_member_dir(&cfg.data_dir)
+}
+
+/// The lock `serve` holds on `data_dir` (offline tools take it too, so they never run
+/// beside a server on the same files).
+pub fn lock_member_dir(data_dir: &std::path::Path) -> Result<std::fs::File, String> {
     use std::os::unix::io::AsRawFd;
-    let dir = cfg.member_dir();
+    let dir = data_dir.join("member");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let path = dir.join("corekv.lock");
     let f = std::fs::OpenOptions::new()
@@ -290,7 +296,7 @@ fn lock_data_dir(cfg: &ServeConfig) -> Result<std::fs::File, String> {
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(format!(
             "data dir {} is in use by another corekv process",
-            cfg.data_dir.display()
+            data_dir.display()
         ));
     }
     Ok(f)

@@ -510,7 +510,10 @@ impl Maintenance for Gateway {
         req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
         self.check_maintenance_admin(&self.caller(&req)?)?;
-        Err(not_yet("defragment"))
+        Err(Status::unimplemented(
+            "corekv: defragment of a running member is not implemented yet; stop it and run \
+             `corekv defrag --data-dir DIR`",
+        ))
     }
 
     async fn hash(

@@ -118,6 +118,41 @@ impl Backend {
     }
 }
 
+/// etcd's offline defragmentation (`etcdctl defrag --data-dir`) for LMDB: a compacting
+/// copy of the environment (free pages dropped, the file as small as its data), made
+/// durable, then renamed over the original. LMDB reuses freed pages but never shrinks its
+/// file in place, so this is how space returns to the disk (and how the quota, which like
+/// etcd's counts the file, gets room again after a compaction). The caller holds the data
+/// dir's lock: no server may have it open. Returns the file size before and after.
+pub fn defragment_offline(db_dir: &Path) -> Result<(u64, u64), KvError> {
+    let data = db_dir.join("data.mdb");
+    let io = |what: &str, e: std::io::Error| KvError::Client(format!("{what}: {e}"));
+    let original = std::fs::metadata(&data).map_err(|e| io(&data.display().to_string(), e))?;
+    let before = original.len();
+    let tmp = db_dir.join("data.mdb.defrag");
+    let _ = std::fs::remove_file(&tmp); // a copy left by an interrupted run
+    {
+        let map_size_bytes = (before as usize).max(1 << 20) + (1 << 20);
+        let b = Backend::open(db_dir, map_size_bytes)?;
+        let copy = b.env.copy_to_path(&tmp, heed::CompactionOption::Enabled)?;
+        copy.set_permissions(original.permissions())
+            .and_then(|_| copy.sync_all())
+            .map_err(|e| io("sync the compacted copy", e))?;
+    }
+    std::fs::rename(&tmp, &data).map_err(|e| io("replace data.mdb", e))?;
+    std::fs::File::open(db_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("sync the db dir", e))?;
+    let after = std::fs::metadata(&data)
+        .map_err(|e| io("stat data.mdb", e))?
+        .len();
+    assert!(
+        after > 0,
+        "a compacted environment still has its meta pages"
+    );
+    Ok((before, after))
+}
+
 /// Page size without another dependency.
 mod page_size {
     pub fn get_or_4k() -> usize {
