@@ -1,7 +1,7 @@
 //! The Rust `etcd-client` crate (tonic, etcd's protos) runs a scenario against corekv
 //! unchanged: KV, txn, maintenance status/alarms, cluster member list, leases (grant,
-//! keepalive stream, time-to-live with keys, revoke), watch, lock, election, and the
-//! `Unimplemented` answer for features not built yet. Needs `protoc` to build, so it sits
+//! keepalive stream, time-to-live with keys, revoke), watch, lock, election, and auth
+//! (users, roles, enable, logged-in clients, refusals). Needs `protoc` to build, so it sits
 //! behind the `etcd-client-test` feature; .ci/run runs it.
 #![cfg(feature = "etcd-client-test")]
 
@@ -19,7 +19,7 @@ fn etcd_client_crate_scenario() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let mut c = Client::connect([ep], None).await.expect("connect");
+        let mut c = Client::connect([ep.clone()], None).await.expect("connect");
         c.put("/svc/a", "10.0.0.1", None).await.unwrap();
         let prev = c
             .put(
@@ -154,11 +154,44 @@ fn etcd_client_crate_scenario() {
         c.lease_revoke(id).await.unwrap();
         assert!(c.get("lk", None).await.unwrap().kvs().is_empty());
 
-        let err = c.user_list().await.unwrap_err();
+        // Auth as the crate's users meet it: set up users and roles, enable, then
+        // clients that log in (the crate authenticates and sends the token).
+        c.user_add("root", "rootpw", None).await.unwrap();
+        c.role_add("root").await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.role_add("app").await.unwrap();
+        let perm = etcd_client::Permission::read_write("/app/").with_prefix();
+        c.role_grant_permission("app", perm).await.unwrap();
+        c.user_add("alice", "apw", None).await.unwrap();
+        c.user_grant_role("alice", "app").await.unwrap();
+        c.auth_enable().await.unwrap();
+        let err = c.put("x", "1", None).await.unwrap_err();
         assert!(
-            err.to_string()
-                .contains("corekv: auth is not implemented yet"),
+            err.to_string().contains("etcdserver: user name is empty"),
             "{err}"
         );
+        let as_user = |name: &'static str, pw: &'static str| {
+            let opts = etcd_client::ConnectOptions::new().with_user(name, pw);
+            Client::connect([ep.clone()], Some(opts))
+        };
+        let mut alice = as_user("alice", "apw").await.unwrap();
+        alice.put("/app/x", "1", None).await.unwrap();
+        let got = alice.get("/app/x", None).await.unwrap();
+        assert_eq!(got.kvs()[0].value(), b"1");
+        let err = alice.put("/other", "1", None).await.unwrap_err();
+        assert!(
+            err.to_string().contains("etcdserver: permission denied"),
+            "{err}"
+        );
+        assert!(
+            as_user("alice", "wrong").await.is_err(),
+            "a bad password is refused"
+        );
+        let mut root = as_user("root", "rootpw").await.unwrap();
+        assert_eq!(root.user_list().await.unwrap().users(), ["alice", "root"]);
+        let app = root.role_get("app").await.unwrap();
+        assert_eq!(app.permissions().len(), 1);
+        root.auth_disable().await.unwrap();
+        c.put("x", "1", None).await.unwrap();
     });
 }
