@@ -279,7 +279,7 @@ impl ApplyActor {
             if e.data.is_empty() {
                 continue; // a new leader's no-op
             }
-            let proposal: Proposal = match postcard::from_bytes(&e.data) {
+            let proposal = match Proposal::decode(&e.data) {
                 Ok(p) => p,
                 Err(err) => {
                     // Passed the WAL's CRC yet does not decode: skip it the same way on

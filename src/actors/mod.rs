@@ -41,6 +41,29 @@ pub struct Proposal {
     pub auth: Option<crate::model::AuthUser>,
 }
 
+/// The entry format before auth (no `auth` field): a WAL written by an older corekv still
+/// replays, as the server's own requests.
+#[derive(Deserialize)]
+struct ProposalWithoutAuth {
+    epoch: u64,
+    id: ReqId,
+    req: WriteRequest,
+}
+
+impl Proposal {
+    pub fn decode(data: &[u8]) -> Result<Proposal, postcard::Error> {
+        postcard::from_bytes(data).or_else(|e| {
+            let old: ProposalWithoutAuth = postcard::from_bytes(data).map_err(|_| e)?;
+            Ok(Proposal {
+                epoch: old.epoch,
+                id: old.id,
+                req: old.req,
+                auth: None,
+            })
+        })
+    }
+}
+
 /// network -> raft
 pub enum ToRaft {
     Propose {
@@ -222,5 +245,46 @@ impl Mailboxes {
             raft_to_apply: pair(APPLY_MAILBOX),
             apply_to_raft: pair(APPLY_TO_RAFT_MAILBOX),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AuthUser, CompactionRequest};
+
+    #[test]
+    fn entries_written_before_auth_still_decode() {
+        #[derive(Serialize)]
+        struct Old {
+            epoch: u64,
+            id: ReqId,
+            req: WriteRequest,
+        }
+        let req = WriteRequest::Compact(CompactionRequest {
+            revision: 3,
+            physical: false,
+        });
+        let old = postcard::to_allocvec(&Old {
+            epoch: 7,
+            id: 9,
+            req: req.clone(),
+        })
+        .unwrap();
+        let p = Proposal::decode(&old).unwrap();
+        assert_eq!((p.epoch, p.id, &p.req, &p.auth), (7, 9, &req, &None));
+        let who = AuthUser {
+            name: "alice".into(),
+            revision: 4,
+        };
+        let new = postcard::to_allocvec(&Proposal {
+            epoch: 1,
+            id: 2,
+            req,
+            auth: Some(who.clone()),
+        })
+        .unwrap();
+        assert_eq!(Proposal::decode(&new).unwrap().auth, Some(who));
+        assert!(Proposal::decode(&[0xff; 3]).is_err());
     }
 }

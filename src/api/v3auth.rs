@@ -46,6 +46,9 @@ impl Gateway {
         range_end: &[u8],
         need: PermType,
     ) -> Result<(), Status> {
+        if !self.tokens().auth_enabled() {
+            return Ok(()); // the common case: no LMDB read on the request path
+        }
         let b = self.backend();
         let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
         store::check_range(b, &txn, who, key, range_end, need).map_err(super::v3rpc::to_status)
@@ -70,6 +73,9 @@ impl Gateway {
     }
 
     fn admin(&self, who: &AuthUser) -> Result<(), KvError> {
+        if !self.tokens().auth_enabled() {
+            return Ok(());
+        }
         let b = self.backend();
         let txn = b.read_txn()?;
         store::check_admin(b, &txn, who)

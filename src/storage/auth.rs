@@ -386,8 +386,9 @@ const MAX_TOKENS: usize = 100_000;
 pub struct Tokens {
     start: Instant,
     table: RwLock<HashMap<String, Token>>,
-    /// Mirror of the stored flag for the native front end's per-request check (no LMDB
-    /// read on its hot path); set at start and after every applied auth change.
+    /// Mirror of the stored flag, so requests skip the auth store while auth is off (as
+    /// etcd keeps its flag in memory); set at start and after every applied enable or
+    /// disable. Writes are judged again against the store when applied.
     enabled: AtomicBool,
 }
 
@@ -413,7 +414,9 @@ impl Tokens {
     }
 
     pub fn issue(&self, token: String, user: String) {
-        assert!(!token.is_empty() && !user.is_empty());
+        if token.is_empty() || user.is_empty() {
+            return; // never valid; the apply path only issues for existing users
+        }
         let now = self.now_ms();
         let expires_ms = AtomicU64::new(now + TOKEN_TTL.as_millis() as u64);
         let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
