@@ -264,4 +264,6 @@ interface Kv {
   moveLeader @25 (target :UInt64) -> (header :ResponseHeader);
   # etcd's HashKV at a revision (0 = current); compactRevision -1 = never compacted.
   hashKv @26 (revision :Int64) -> (header :ResponseHeader, hash :UInt32, compactRevision :Int64);
+  # Online defragmentation of this member's store (etcd's Maintenance.Defragment).
+  defragment @27 () -> (header :ResponseHeader);
 }

@@ -361,6 +361,13 @@ impl Client {
         header_of(resp.get().map_err(from_capnp)?.get_header())
     }
 
+    /// Online defragmentation of the member this client is connected to.
+    pub async fn defragment(&self) -> Result<Header, KvError> {
+        let req = self.kv.defragment_request();
+        let resp = req.send().promise.await.map_err(from_capnp)?;
+        header_of(resp.get().map_err(from_capnp)?.get_header())
+    }
+
     /// etcd's HashKV at `revision` (0 = current): (header, hash, compact revision).
     pub async fn hash_kv(&self, revision: i64) -> Result<(Header, u32, i64), KvError> {
         let mut req = self.kv.hash_kv_request();

@@ -74,10 +74,10 @@ enum Cmd {
     Lease(LeaseCmd),
     /// Watches events stream on keys or prefixes.
     Watch(WatchArgs),
-    /// Defragments a stopped member's data dir (`--data-dir`), as `etcdctl defrag
-    /// --data-dir` does; online defragmentation is not built yet.
+    /// Defragments each endpoint's store online, or a stopped member's data dir with
+    /// `--data-dir` (as `etcdctl defrag --data-dir`).
     Defrag {
-        /// Data directory of a member that is not running.
+        /// Data directory of a member that is not running (offline mode).
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
     },
@@ -123,14 +123,7 @@ enum SnapshotCmd {
     },
 }
 
-fn defrag(data_dir: Option<&std::path::Path>) -> Result<String, KvError> {
-    let Some(dir) = data_dir else {
-        return Err(KvError::Client(
-            "corekv: defragment of a running member is not implemented yet; stop it and run \
-             `corekv defrag --data-dir DIR`"
-                .into(),
-        ));
-    };
+fn defrag_offline(dir: &std::path::Path) -> Result<String, KvError> {
     let db = dir.join("member").join("db");
     if !db.join("data.mdb").exists() {
         return Err(KvError::Client(format!(
@@ -264,7 +257,14 @@ fn main() {
                 Err(e) => Err(e),
             }
         }
-        Cmd::Defrag { data_dir } => defrag(data_dir.as_deref()),
+        Cmd::Defrag { data_dir: None } => {
+            let eps = endpoints.clone();
+            block_on(move || async move { cli::defrag_online(&eps).await })
+                .unwrap_or_else(|e| Err(KvError::Client(e)))
+        }
+        Cmd::Defrag {
+            data_dir: Some(dir),
+        } => defrag_offline(&dir),
         Cmd::Snapshot(SnapshotCmd::Status { file }) => corekv::storage::snapshot::status(&file)
             .map_err(KvError::Client)
             .and_then(|st| cli::output::snapshot_status(format, &st)),

@@ -379,6 +379,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let client_addrs = parse_urls(&cfg.listen_client_urls)?;
     let peer_addrs = parse_urls(&cfg.listen_peer_urls)?;
     let _lock = lock_data_dir(&cfg)?;
+    crate::storage::backend::remove_defrag_leftovers(&cfg.member_dir());
     probe_listen(&[addrs.clone(), client_addrs.clone(), peer_addrs.clone()].concat())?;
     let rec = recover(&cfg)?;
     let shards = cfg.shards();
@@ -420,6 +421,11 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tokens = std::sync::Arc::new(crate::storage::auth::Tokens::default());
     tokens.sync_enabled(&rec.backend);
+    // Every actor but apply reaches LMDB through the store (online defrag swaps it). The
+    // apply actor takes this one; no other clone may outlive the start, or a defragmented
+    // file would stay open (and on disk) until exit.
+    let store = crate::storage::backend::Store::new(rec.backend.clone());
+    let mut apply_backend = Some(rec.backend);
     let (bridge_txs, mut bridge_rxs): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| {
             let (tx, rx) = crate::actors::bridge::channel();
@@ -434,7 +440,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     for i in 0..shards {
         let resolved = resolved.clone();
         let cpu = cpus[i % cpus.len()];
-        let backend = rec.backend.clone();
+        let backend = store.clone();
         let net_tx = mb.net_to_raft[i].0.take();
         let from_raft = mb.raft_to_net[i].1.take();
         let from_apply = mb.apply_to_net[i].1.take();
@@ -464,7 +470,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     applied,
                     heartbeat_ms: cfg.heartbeat_interval,
                     election_ms: cfg.election_timeout,
-                    backend: rec.backend.clone(),
+                    backend: store.clone(),
                     snap_dir: cfg.snap_dir(),
                     auto_promote_within: cfg.auto_promote_learners,
                     snapshot_count: cfg.snapshot_count,
@@ -504,7 +510,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             let (applied_index, applied_term) = apply_part.take().expect("one apply shard");
             Some((
                 ApplySetup {
-                    backend: rec.backend.clone(),
+                    backend: apply_backend.take().expect("one apply actor"),
                     epoch,
                     cluster_id,
                     member_id,
@@ -514,6 +520,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     watching: watching.clone(),
                     lease_checkpoint_interval: cfg.lease_checkpoint_interval,
                     tokens: tokens.clone(),
+                    store: store.clone(),
+                    db_dir: cfg.db_path(),
                 },
                 mb.raft_to_apply.1.take().expect("rx"),
                 mb.net_to_apply
@@ -669,7 +677,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         bridge_txs,
         cfg.raft_shard,
         cfg.max_request_bytes as usize,
-        rec.backend.clone(),
+        store.clone(),
         tokens,
     );
     if cfg.grpc_keepalive_min_time != std::time::Duration::from_secs(5) {

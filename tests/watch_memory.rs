@@ -4,7 +4,7 @@
 //! freed by earlier work.) The target is <= 100 B; etcd 3.4 is ~350 B.
 
 use corekv::actors::watch::{WatchHub, WatchSpec};
-use corekv::storage::backend::Backend;
+use corekv::storage::backend::{Backend, Store};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::rc::Rc;
@@ -36,7 +36,14 @@ fn idle_watcher_memory() {
     const STREAMS: usize = 100;
     let dir = tempfile::tempdir().unwrap();
     let b = Backend::open(dir.path(), 64 << 20).unwrap();
-    let mut hub = WatchHub::new(b, 1, 2, Rc::new(Cell::new(1)), Default::default()).unwrap();
+    let mut hub = WatchHub::new(
+        Store::new(b),
+        1,
+        2,
+        Rc::new(Cell::new(1)),
+        Default::default(),
+    )
+    .unwrap();
     let mut rxs = Vec::new();
     let before_streams = LIVE_BYTES.load(Ordering::Relaxed);
     for s in 0..STREAMS {

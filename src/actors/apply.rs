@@ -8,7 +8,7 @@ use super::lessor::Lessor;
 use super::*;
 use crate::model::{AuthRequest, AuthResponse, Header, LeaseTimeToLive};
 use crate::storage::auth::Tokens;
-use crate::storage::backend::Backend;
+use crate::storage::backend::{Backend, Store};
 use crate::storage::mvcc::Applier;
 use ::raft::eraftpb::EntryType;
 use futures::{FutureExt, StreamExt};
@@ -61,6 +61,11 @@ pub struct ApplyActor {
     tokens: Arc<Tokens>,
     /// An applied auth enable/disable: refresh the front ends' flag once it is committed.
     auth_flag_stale: Cell<bool>,
+    /// What the other actors read through; swapped by an online defragmentation.
+    store: Store,
+    db_dir: std::path::PathBuf,
+    /// Online defragmentations so far (names their scratch directories).
+    defrags: u64,
 }
 
 pub struct ApplySetup {
@@ -74,6 +79,8 @@ pub struct ApplySetup {
     pub watching: Arc<AtomicUsize>,
     pub lease_checkpoint_interval: Duration,
     pub tokens: Arc<Tokens>,
+    pub store: Store,
+    pub db_dir: std::path::PathBuf,
 }
 
 fn fatal(e: impl std::fmt::Display) -> ! {
@@ -104,6 +111,9 @@ impl ApplyActor {
             last_lease_checkpoint: now,
             tokens: s.tokens,
             auth_flag_stale: Cell::new(false),
+            store: s.store,
+            db_dir: s.db_dir,
+            defrags: 0,
             backend: s.backend,
             epoch: s.epoch,
             cluster_id: s.cluster_id,
@@ -151,6 +161,12 @@ impl ApplyActor {
                     ApplyInput::Raft(ToApply::Leader(is_leader)) => {
                         self.lessor.set_leader(is_leader, Instant::now())
                     }
+                    ApplyInput::Lessor(ToLessor::Defragment { id }) => {
+                        let r = self.defragment().await;
+                        if let Some(tx) = self.to_net.get(shard_of(id)) {
+                            let _ = tx.send(ToNet::Lease(id, r)).await;
+                        }
+                    }
                     ApplyInput::Lessor(q) => self.answer_lease_query(q).await,
                     ApplyInput::Tick => self.lease_tick(),
                 }
@@ -179,6 +195,32 @@ impl ApplyActor {
             self.release_reads().await;
             self.maybe_checkpoint();
         }
+    }
+
+    /// Online defragmentation: no batch is applied meanwhile (this actor is the only
+    /// writer); readers keep the old environment until the swap, then move over.
+    async fn defragment(&mut self) -> Result<LeaseReply, KvError> {
+        self.defrags += 1;
+        let db_dir = self.db_dir.clone();
+        let scratch = db_dir.with_file_name(format!("db.defrag-{}", self.defrags));
+        let current = self.backend.clone();
+        let started = Instant::now();
+        let before = current.file_size_bytes();
+        let fresh = glommio::executor()
+            .spawn_blocking(move || {
+                crate::storage::backend::defragment_online(&current, &db_dir, &scratch)
+            })
+            .await?;
+        let after = fresh.file_size_bytes();
+        self.backend = fresh.clone();
+        self.store.swap(fresh);
+        tracing::info!(
+            before,
+            after,
+            took_ms = started.elapsed().as_millis() as u64,
+            "defragmented"
+        );
+        Ok(LeaseReply::Defragmented)
     }
 
     /// Replaces the state with a leader's snapshot (on the blocking pool: it rewrites the
@@ -448,6 +490,8 @@ impl ApplyActor {
                 (id, ttl.map(LeaseReply::TimeToLive))
             }
             ToLessor::Leases { id } => (id, Ok(LeaseReply::Leases(self.lessor.ids()))),
+            // Handled by the run loop (it needs `&mut self` across an await).
+            ToLessor::Defragment { id } => (id, Err(KvError::Internal("misrouted".into()))),
         };
         if let Some(tx) = self.to_net.get(shard_of(id)) {
             let _ = tx.send(ToNet::Lease(id, reply)).await;

@@ -39,6 +39,7 @@ pub enum BridgeRequest {
         Reply<(Header, WriteResponse)>,
     ),
     Header(Reply<Header>),
+    Defragment(Reply<Header>),
     Alarm(AlarmRequest, Reply<(Header, Vec<AlarmMember>)>),
     Status(Reply<(Header, Status)>),
     HashKv(i64, Reply<(Header, crate::storage::mvcc::KvHash)>),
@@ -112,6 +113,9 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 }
                 BridgeRequest::Header(tx) => {
                     let _ = tx.send(shard.current_header());
+                }
+                BridgeRequest::Defragment(tx) => {
+                    let _ = tx.send(shard.defragment().await);
                 }
                 BridgeRequest::Alarm(a, tx) => {
                     let _ = tx.send(shard.alarm(a).await);

@@ -13,10 +13,10 @@ use std::rc::Rc;
 impl Shard {
     /// The membership as this member last applied it (etcd 3.4 serves it locally too).
     pub fn member_list(&self) -> Result<(Header, Vec<Member>), KvError> {
-        let txn = self.backend.read_txn()?;
-        let mut members = crate::cluster::load_members(&self.backend, &txn)?;
+        let (b, txn) = self.backend.read()?;
+        let mut members = crate::cluster::load_members(&b, &txn)?;
         members.sort_by_key(|m| m.id); // etcd lists members by ID
-        self.observe_term(&txn)?;
+        self.observe_term(&b, &txn)?;
         Ok((self.header(0), members))
     }
 

@@ -137,10 +137,13 @@ pub enum ToApply {
 }
 
 /// network -> apply: lease queries the lessor answers (not through raft, as etcd).
+/// network -> apply: lessor queries, and online defragmentation (the apply actor is the
+/// one writer, so it does it between batches).
 pub enum ToLessor {
     KeepAlive { id: ReqId, lease: i64 },
     TimeToLive { id: ReqId, lease: i64, keys: bool },
     Leases { id: ReqId },
+    Defragment { id: ReqId },
 }
 
 pub enum LeaseReply {
@@ -148,6 +151,7 @@ pub enum LeaseReply {
     KeepAlive(i64),
     TimeToLive(LeaseTimeToLive),
     Leases(Vec<i64>),
+    Defragmented,
 }
 
 /// apply -> every network shard: what one applied batch changed. `events` is None when

@@ -9,7 +9,7 @@ use super::*;
 use crate::api::{native, validate};
 use crate::kv_capnp::kv;
 use crate::model::*;
-use crate::storage::backend::Backend;
+use crate::storage::backend::{Backend, Store};
 use crate::storage::mvcc;
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::channel::oneshot;
@@ -53,7 +53,7 @@ pub struct NetSettings {
 pub struct Shard {
     shard: usize,
     pub(super) epoch: u64,
-    pub(super) backend: Backend,
+    pub(super) backend: Store,
     pub(super) settings: NetSettings,
     to_raft: ConnectedSender<ToRaft>,
     to_apply: ConnectedSender<ToLessor>,
@@ -91,7 +91,7 @@ impl Shard {
     pub fn new(
         shard: usize,
         epoch: u64,
-        backend: Backend,
+        backend: Store,
         settings: NetSettings,
         to_raft: ConnectedSender<ToRaft>,
         to_apply: ConnectedSender<ToLessor>,
@@ -271,10 +271,8 @@ impl Shard {
     }
 
     /// Reads see at least the term of the last applied entry.
-    pub(super) fn observe_term(&self, txn: &heed::RoTxn) -> Result<(), KvError> {
-        let applied_term = self
-            .backend
-            .get_u64(txn, crate::storage::backend::meta_key::APPLIED_TERM)?;
+    pub(super) fn observe_term(&self, b: &Backend, txn: &heed::RoTxn) -> Result<(), KvError> {
+        let applied_term = b.get_u64(txn, crate::storage::backend::meta_key::APPLIED_TERM)?;
         self.raft_term.set(self.raft_term.get().max(applied_term));
         Ok(())
     }
@@ -303,9 +301,9 @@ impl Shard {
         if !req.serializable {
             self.read_barrier().await?;
         }
-        let txn = self.backend.read_txn()?;
-        let (resp, rev) = mvcc::range(&self.backend, &txn, &req)?;
-        self.observe_term(&txn)?;
+        let (b, txn) = self.backend.read()?;
+        let (resp, rev) = mvcc::range(&b, &txn, &req)?;
+        self.observe_term(&b, &txn)?;
         Ok((self.header(rev), resp))
     }
 
@@ -336,7 +334,7 @@ impl Shard {
             return Err(KvError::RequestTooLarge);
         }
         if grows
-            && self.backend.size_in_use_bytes() + data.len() as u64
+            && self.backend.current().size_in_use_bytes() + data.len() as u64
                 > self.settings.quota_backend_bytes
         {
             self.raise_nospace();
@@ -377,10 +375,10 @@ impl Shard {
         req: AlarmRequest,
     ) -> Result<(Header, Vec<AlarmMember>), KvError> {
         if req.action == AlarmAction::Get {
-            let txn = self.backend.read_txn()?;
-            let rev = mvcc::current_revision(&self.backend, &txn)?;
-            self.observe_term(&txn)?;
-            let alarms = mvcc::alarms(&self.backend, &txn)?
+            let (b, txn) = self.backend.read()?;
+            let rev = mvcc::current_revision(&b, &txn)?;
+            self.observe_term(&b, &txn)?;
+            let alarms = mvcc::alarms(&b, &txn)?
                 .into_iter()
                 .filter(|a| req.alarm == AlarmType::None || a.alarm == req.alarm)
                 .collect();
@@ -392,11 +390,35 @@ impl Shard {
         }
     }
 
+    /// Maintenance.Defragment: the apply actor compacts the environment between batches
+    /// (writes wait meanwhile, as with etcd's defrag). Not bounded by the request timeout:
+    /// a large database takes a while, and the apply actor always answers.
+    pub async fn defragment(&self) -> Result<Header, KvError> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        self.pending.borrow_mut().insert(id, tx);
+        if self
+            .to_apply
+            .send(ToLessor::Defragment { id })
+            .await
+            .is_err()
+        {
+            self.pending.borrow_mut().remove(&id);
+            return Err(KvError::Stopped);
+        }
+        match rx.await {
+            Ok(Reply::Lease(Ok(LeaseReply::Defragmented))) => self.current_header(),
+            Ok(Reply::Lease(Err(e))) | Ok(Reply::Failed(e)) => Err(e),
+            Ok(_) => Err(KvError::Internal("unexpected reply to defragment".into())),
+            Err(_) => Err(KvError::Stopped),
+        }
+    }
+
     /// The header for answers that carry the current revision without a raft round.
     pub fn current_header(&self) -> Result<Header, KvError> {
-        let txn = self.backend.read_txn()?;
-        let rev = mvcc::current_revision(&self.backend, &txn)?;
-        self.observe_term(&txn)?;
+        let (b, txn) = self.backend.read()?;
+        let rev = mvcc::current_revision(&b, &txn)?;
+        self.observe_term(&b, &txn)?;
         Ok(self.header(rev))
     }
 
@@ -492,7 +514,7 @@ impl Shard {
 
     /// etcd's HashKV at `rev` (0 = current), scanned on the blocking pool.
     pub async fn hash_kv(&self, rev: i64) -> Result<(Header, mvcc::KvHash), KvError> {
-        let backend = self.backend.clone();
+        let backend = self.backend.current();
         let h = glommio::executor()
             .spawn_blocking(move || mvcc::hash_kv(&backend, rev))
             .await?;
@@ -502,7 +524,7 @@ impl Shard {
     /// A consistent copy of the state for Maintenance.Snapshot (made on the blocking
     /// pool); the caller streams and deletes the file.
     pub async fn snapshot_copy(&self) -> Result<(Header, std::path::PathBuf), KvError> {
-        let backend = self.backend.clone();
+        let backend = self.backend.current();
         let dir = self.settings.snap_dir.clone();
         let path = glommio::executor()
             .spawn_blocking(move || crate::storage::snapshot::save_copy(&backend, &dir))
@@ -513,7 +535,7 @@ impl Shard {
 
     /// Maintenance.Hash over the replicated tables, on the blocking pool.
     pub async fn hash_all(&self) -> Result<(Header, u32), KvError> {
-        let backend = self.backend.clone();
+        let backend = self.backend.current();
         let h = glommio::executor()
             .spawn_blocking(move || mvcc::hash_all(&backend))
             .await?;
@@ -527,19 +549,17 @@ impl Shard {
             Reply::Failed(e) => return Err(e),
             _ => return Err(KvError::Internal("unexpected reply to status".into())),
         };
-        let txn = self.backend.read_txn()?;
-        let rev = mvcc::current_revision(&self.backend, &txn)?;
-        let applied = self
-            .backend
-            .get_u64(&txn, crate::storage::backend::meta_key::APPLIED_INDEX)?;
-        let errors = mvcc::alarms(&self.backend, &txn)?
+        let (b, txn) = self.backend.read()?;
+        let rev = mvcc::current_revision(&b, &txn)?;
+        let applied = b.get_u64(&txn, crate::storage::backend::meta_key::APPLIED_INDEX)?;
+        let errors = mvcc::alarms(&b, &txn)?
             .iter()
             .map(|a| format!("memberID:{} alarm:{} ", a.member_id, alarm_name(a.alarm)))
             .collect();
         let status = Status {
             version: VERSION.to_string(),
-            db_size: self.backend.file_size_bytes() as i64,
-            db_size_in_use: self.backend.size_in_use_bytes() as i64,
+            db_size: b.file_size_bytes() as i64,
+            db_size_in_use: b.size_in_use_bytes() as i64,
             leader: rs.leader,
             raft_index: rs.commit,
             raft_term: rs.term,
@@ -1002,6 +1022,17 @@ impl kv::Server for KvService {
         let _p = self.permit().await?;
         let target = params.get()?.get_target();
         let h = self.shard.move_leader(target).await.map_err(to_capnp)?;
+        native::write_header(results.get().init_header(), &h);
+        Ok(())
+    }
+
+    async fn defragment(
+        self: Rc<Self>,
+        _params: kv::DefragmentParams,
+        mut results: kv::DefragmentResults,
+    ) -> Result<(), capnp::Error> {
+        let _p = self.permit().await?;
+        let h = self.shard.defragment().await.map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
         Ok(())
     }

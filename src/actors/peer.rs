@@ -10,7 +10,7 @@
 //! etcd's streams), so a connection is written by one side only.
 
 use crate::cluster::Member;
-use crate::storage::backend::Backend;
+use crate::storage::backend::Store;
 use futures::channel::mpsc;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::{SinkExt, StreamExt};
@@ -143,7 +143,7 @@ pub fn decode_messages(mut payload: &[u8]) -> std::io::Result<Vec<Message>> {
 pub struct Ctx {
     pub cluster_id: u64,
     pub member_id: u64,
-    pub backend: Backend,
+    pub backend: Store,
     pub snap_dir: PathBuf,
     /// Peer ID -> peer URLs; updated by the raft actor on membership changes.
     pub peers: RefCell<HashMap<u64, Vec<String>>>,
@@ -605,8 +605,8 @@ fn check_hello(ctx: &Ctx, h: &Hello) -> HelloAck {
     if h.purpose == Purpose::FetchMembers {
         let members = ctx
             .backend
-            .read_txn()
-            .and_then(|txn| crate::cluster::load_members(&ctx.backend, &txn))
+            .read()
+            .and_then(|(b, txn)| crate::cluster::load_members(&b, &txn))
             .unwrap_or_default();
         return HelloAck::Members {
             cluster_id: ctx.cluster_id,
@@ -631,8 +631,8 @@ fn check_hello(ctx: &Ctx, h: &Hello) -> HelloAck {
     }
     let removed = ctx
         .backend
-        .read_txn()
-        .and_then(|txn| crate::cluster::load_removed(&ctx.backend, &txn))
+        .read()
+        .and_then(|(b, txn)| crate::cluster::load_removed(&b, &txn))
         .unwrap_or_default();
     if removed.contains(&h.from) {
         tracing::warn!(peer = %format!("{:x}", h.from), "refused a removed member");

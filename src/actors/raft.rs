@@ -6,7 +6,7 @@
 use super::peer::{PeerEvent, Transport};
 use super::*;
 use crate::cluster::MemberChange;
-use crate::storage::backend::Backend;
+use crate::storage::backend::Store;
 use crate::storage::raft_log::RaftLog;
 use ::raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, Snapshot, SnapshotMetadata};
 use ::raft::{Config, RawNode, SnapshotStatus, StateRole};
@@ -45,7 +45,7 @@ pub struct RaftActor {
     transport: Transport,
     /// Messages raft-rs allows out only once their ready is fdatasync'ed.
     persisted_msgs: VecDeque<(u64, Vec<Message>)>,
-    backend: Backend,
+    backend: Store,
     snap_dir: PathBuf,
     snapshot_running: bool,
     snapshot_tx: futures::channel::mpsc::Sender<RaftInput>,
@@ -78,7 +78,7 @@ pub struct RaftSetup {
     pub applied: u64,
     pub heartbeat_ms: u64,
     pub election_ms: u64,
-    pub backend: Backend,
+    pub backend: Store,
     pub snap_dir: PathBuf,
     /// Promote learners within this many entries of the leader (0 = never).
     pub auto_promote_within: u64,
@@ -177,7 +177,7 @@ impl RaftActor {
             return;
         }
         self.snapshot_running = true;
-        let backend = self.backend.clone();
+        let backend = self.backend.current();
         let dir = self.snap_dir.clone();
         let mut tx = self.snapshot_tx.clone();
         glommio::spawn_local(async move {
@@ -695,8 +695,8 @@ impl RaftActor {
         // The peer list follows the snapshot's membership.
         let members = self
             .backend
-            .read_txn()
-            .and_then(|txn| crate::cluster::load_members(&self.backend, &txn))
+            .read()
+            .and_then(|(b, txn)| crate::cluster::load_members(&b, &txn))
             .unwrap_or_default();
         {
             let mut peers = self.transport.ctx().peers.borrow_mut();

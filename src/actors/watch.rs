@@ -11,7 +11,7 @@
 
 use super::WatchBatch;
 use crate::model::{prefix_end, Event, EventKind, Header};
-use crate::storage::backend::Backend;
+use crate::storage::backend::Store;
 use crate::storage::mvcc;
 use futures::channel::mpsc;
 use std::cell::Cell;
@@ -159,7 +159,7 @@ fn for_watcher(spec: &Spec, ev: &Event) -> Event {
 }
 
 pub struct WatchHub {
-    backend: Backend,
+    backend: Store,
     cluster_id: u64,
     member_id: u64,
     raft_term: Rc<Cell<u64>>,
@@ -181,15 +181,15 @@ pub struct WatchHub {
 
 impl WatchHub {
     pub fn new(
-        backend: Backend,
+        backend: Store,
         cluster_id: u64,
         member_id: u64,
         raft_term: Rc<Cell<u64>>,
         watching: Arc<AtomicUsize>,
     ) -> Result<WatchHub, crate::error::KvError> {
         let last_rev = {
-            let txn = backend.read_txn()?;
-            mvcc::current_revision(&backend, &txn)?
+            let (b, txn) = backend.read()?;
+            mvcc::current_revision(&b, &txn)?
         };
         Ok(WatchHub {
             backend,
@@ -350,8 +350,8 @@ impl WatchHub {
         // has seen: a client that saw its put acknowledged must not get it as an event.
         let store_rev = self
             .backend
-            .read_txn()
-            .and_then(|t| mvcc::current_revision(&self.backend, &t))
+            .read()
+            .and_then(|(b, t)| mvcc::current_revision(&b, &t))
             .unwrap_or(self.last_rev);
         let next_rev = if spec.start_rev > 0 {
             spec.start_rev
@@ -637,8 +637,7 @@ impl WatchHub {
     }
 
     fn catch_up_from_store(&mut self) -> Result<(), crate::error::KvError> {
-        let backend = self.backend.clone();
-        let txn = backend.read_txn()?;
+        let (backend, txn) = self.backend.read()?;
         let compacted = mvcc::compacted_revision(&backend, &txn)?;
         let ready = |hub: &WatchHub, w: &Watcher| {
             !w.spec.synced
@@ -735,6 +734,7 @@ impl WatchHub {
 mod tests {
     use super::*;
     use crate::model::{PutRequest, WriteRequest};
+    use crate::storage::backend::Backend;
     use crate::storage::mvcc::Applier;
 
     /// Applies puts of `keys` (one revision each); returns the batch the apply actor
@@ -780,8 +780,14 @@ mod tests {
         let b = Backend::open(dir.path(), 64 << 20).unwrap();
         apply(&b, &["a", "b", "a"], true); // revisions 2..4: history
         let watching = Arc::new(AtomicUsize::new(0));
-        let mut hub =
-            WatchHub::new(b.clone(), 1, 2, Rc::new(Cell::new(1)), watching.clone()).unwrap();
+        let mut hub = WatchHub::new(
+            Store::new(b.clone()),
+            1,
+            2,
+            Rc::new(Cell::new(1)),
+            watching.clone(),
+        )
+        .unwrap();
         let (tx, mut rx) = mpsc::channel(0); // capacity: one message
         hub.open_stream(7, tx);
         hub.create(
@@ -836,8 +842,14 @@ mod tests {
     fn matching_by_key_prefix_and_range() {
         let dir = tempfile::tempdir().unwrap();
         let b = Backend::open(dir.path(), 64 << 20).unwrap();
-        let mut hub =
-            WatchHub::new(b.clone(), 1, 2, Rc::new(Cell::new(1)), Default::default()).unwrap();
+        let mut hub = WatchHub::new(
+            Store::new(b.clone()),
+            1,
+            2,
+            Rc::new(Cell::new(1)),
+            Default::default(),
+        )
+        .unwrap();
         let specs = [
             (b"k1".to_vec(), Vec::new()),
             (b"k".to_vec(), prefix_end(b"k")),
@@ -887,7 +899,14 @@ mod tests {
     fn watch_ids_duplicates_and_cancel() {
         let dir = tempfile::tempdir().unwrap();
         let b = Backend::open(dir.path(), 64 << 20).unwrap();
-        let mut hub = WatchHub::new(b, 1, 2, Rc::new(Cell::new(1)), Default::default()).unwrap();
+        let mut hub = WatchHub::new(
+            Store::new(b),
+            1,
+            2,
+            Rc::new(Cell::new(1)),
+            Default::default(),
+        )
+        .unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         hub.open_stream(1, tx);
         let spec = |id: i64| WatchSpec {

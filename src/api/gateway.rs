@@ -1,5 +1,5 @@
 //! etcd's HTTP/JSON gateway (grpc-gateway) on the gRPC port: POST /v3/kv/*,
-//! /v3/maintenance/{status,alarm,hash,hashkv,transfer-leadership},
+//! /v3/maintenance/{status,alarm,hash,hashkv,defragment,transfer-leadership},
 //! /v3/cluster/member/{list,add,remove,update,promote}, and GET /health, /version.
 //! Requests are decoded from JSON the way grpc-gateway does (snake_case or camelCase
 //! names, 64-bit integers as numbers or strings, bytes as base64), handed to the same
@@ -32,6 +32,7 @@ pub fn router(g: Gateway) -> axum::Router {
         .route("/v3/maintenance/status", post(status))
         .route("/v3/maintenance/alarm", post(alarm))
         .route("/v3/maintenance/hash", post(hash))
+        .route("/v3/maintenance/defragment", post(defragment))
         .route("/v3/maintenance/hashkv", post(hash_kv))
         .route("/v3/cluster/member/list", post(member_list))
         .route("/v3/cluster/member/add", post(member_add))
@@ -507,6 +508,17 @@ async fn hash(State(g): State<Gateway>, headers: HeaderMap) -> Response {
             let mut o = Obj::new();
             header_json(&mut o, &r.get_ref().header);
             put_nz(&mut o, "hash", json!(r.get_ref().hash));
+            ok(Value::Object(o))
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn defragment(State(g): State<Gateway>, headers: HeaderMap) -> Response {
+    match Maintenance::defragment(&g, authed(&headers, pb::DefragmentRequest {})).await {
+        Ok(r) => {
+            let mut o = Obj::new();
+            header_json(&mut o, &r.get_ref().header);
             ok(Value::Object(o))
         }
         Err(e) => error(e),

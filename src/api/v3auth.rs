@@ -31,9 +31,8 @@ impl Gateway {
             .tokens()
             .user(token)
             .ok_or_else(|| super::v3rpc::to_status(KvError::InvalidAuthToken))?;
-        let b = self.backend();
-        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
-        let revision = store::revision(b, &txn).map_err(super::v3rpc::to_status)?;
+        let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
+        let revision = store::revision(&b, &txn).map_err(super::v3rpc::to_status)?;
         Ok(AuthUser { name, revision })
     }
 
@@ -49,9 +48,8 @@ impl Gateway {
         if !self.tokens().auth_enabled() {
             return Ok(()); // the common case: no LMDB read on the request path
         }
-        let b = self.backend();
-        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
-        store::check_range(b, &txn, who, key, range_end, need).map_err(super::v3rpc::to_status)
+        let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
+        store::check_range(&b, &txn, who, key, range_end, need).map_err(super::v3rpc::to_status)
     }
 
     /// etcd's IsAdminPermitted for membership changes.
@@ -76,9 +74,8 @@ impl Gateway {
         if !self.tokens().auth_enabled() {
             return Ok(());
         }
-        let b = self.backend();
-        let txn = b.read_txn()?;
-        store::check_admin(b, &txn, who)
+        let (b, txn) = self.backend().read()?;
+        store::check_admin(&b, &txn, who)
     }
 
     /// A lock or election works on the keys under `name/`: the user must read and write them
@@ -119,9 +116,8 @@ impl Gateway {
     }
 
     fn auth_enabled(&self) -> Result<bool, Status> {
-        let b = self.backend();
-        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
-        store::enabled(b, &txn).map_err(super::v3rpc::to_status)
+        let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
+        store::enabled(&b, &txn).map_err(super::v3rpc::to_status)
     }
 }
 
@@ -202,10 +198,9 @@ impl Auth for Gateway {
         _req: Request<pb::AuthStatusRequest>,
     ) -> Result<Response<pb::AuthStatusResponse>, Status> {
         let h = self.current_header().await?;
-        let b = self.backend();
-        let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
-        let enabled = store::enabled(b, &txn).map_err(super::v3rpc::to_status)?;
-        let auth_revision = store::revision(b, &txn).map_err(super::v3rpc::to_status)?;
+        let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
+        let enabled = store::enabled(&b, &txn).map_err(super::v3rpc::to_status)?;
+        let auth_revision = store::revision(&b, &txn).map_err(super::v3rpc::to_status)?;
         Ok(Response::new(pb::AuthStatusResponse {
             header: header(&h),
             enabled,
@@ -224,9 +219,8 @@ impl Auth for Gateway {
             return Err(super::v3rpc::to_status(KvError::AuthNotEnabled));
         }
         let stored = {
-            let b = self.backend();
-            let txn = b.read_txn().map_err(super::v3rpc::to_status)?;
-            store::password_hash(b, &txn, &r.name).map_err(super::v3rpc::to_status)?
+            let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
+            store::password_hash(&b, &txn, &r.name).map_err(super::v3rpc::to_status)?
         };
         let Some(stored) = stored else {
             return Err(super::v3rpc::to_status(KvError::AuthFailed));

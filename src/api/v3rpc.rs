@@ -37,7 +37,7 @@ pub struct Gateway {
 
 struct GatewayInner {
     /// Read-only use: the auth store's checks before a request is bridged.
-    backend: crate::storage::backend::Backend,
+    backend: crate::storage::backend::Store,
     tokens: Arc<crate::storage::auth::Tokens>,
     shards: Vec<mpsc::Sender<BridgeRequest>>,
     /// Writes go to the shard of the raft actor: one cross-shard hop fewer.
@@ -74,7 +74,7 @@ impl Gateway {
         shards: Vec<mpsc::Sender<BridgeRequest>>,
         raft_shard: usize,
         max_request_bytes: usize,
-        backend: crate::storage::backend::Backend,
+        backend: crate::storage::backend::Store,
         tokens: Arc<crate::storage::auth::Tokens>,
     ) -> Gateway {
         assert!(raft_shard < shards.len());
@@ -131,7 +131,7 @@ impl Gateway {
         self.call(|tx| BridgeRequest::Write(req, who, tx)).await
     }
 
-    pub(crate) fn backend(&self) -> &crate::storage::backend::Backend {
+    pub(crate) fn backend(&self) -> &crate::storage::backend::Store {
         &self.inner.backend
     }
 
@@ -510,10 +510,9 @@ impl Maintenance for Gateway {
         req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
         self.check_maintenance_admin(&self.caller(&req)?)?;
-        Err(Status::unimplemented(
-            "corekv: defragment of a running member is not implemented yet; stop it and run \
-             `corekv defrag --data-dir DIR`",
-        ))
+        self.call(BridgeRequest::Defragment).await?;
+        // etcd 3.4 answers an empty message (no header).
+        Ok(Response::new(pb::DefragmentResponse { header: None }))
     }
 
     async fn hash(

@@ -312,3 +312,28 @@ pub async fn alarm(c: &Client, f: Format, cmd: &AlarmCmd) -> Result<String, KvEr
         }
     }
 }
+
+/// etcdctl's `defrag`: each endpoint's member defragments its store online.
+pub async fn defrag_online(endpoints: &str) -> Result<String, KvError> {
+    let addrs = crate::config::parse_urls(endpoints).map_err(KvError::Client)?;
+    let mut out = String::new();
+    let mut failed = false;
+    for ep in addrs {
+        let done = match Client::connect(&ep).await {
+            Ok(c) => c.defragment().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(()) => out.push_str(&format!("Finished defragmenting etcd member[{ep}]\n")),
+            Err(e) => {
+                eprintln!("Failed to defragment etcd member[{ep}] ({e})");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        print!("{out}");
+        return Err(KvError::Client("defragmentation failed".into()));
+    }
+    Ok(out)
+}

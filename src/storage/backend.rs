@@ -5,6 +5,7 @@ use crate::error::KvError;
 use heed::types::Bytes;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use std::path::Path;
+use std::sync::Arc;
 
 pub type Db = Database<Bytes, Bytes>;
 
@@ -115,6 +116,124 @@ impl Backend {
 
     pub fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, KvError> {
         Ok(self.env.read_txn()?)
+    }
+}
+
+/// The member's LMDB environment as the actors reach it: the current `Backend`, which an
+/// online defragmentation replaces whole. Readers take a txn together with the backend it
+/// belongs to (heed refuses a txn of one environment with databases of another), and a
+/// txn opened after a swap is retried on the new environment, so no read is served from
+/// the old file once writes go to the new one. The apply actor, the only writer, swaps.
+#[derive(Clone)]
+pub struct Store {
+    current: Arc<arc_swap::ArcSwap<Backend>>,
+}
+
+/// Attempts to open a read txn on the current environment (a swap is rare: one retry
+/// almost always suffices).
+const MAX_READ_ATTEMPTS: usize = 8;
+
+impl Store {
+    pub fn new(b: Backend) -> Store {
+        Store {
+            current: Arc::new(arc_swap::ArcSwap::from_pointee(b)),
+        }
+    }
+
+    /// The backend now: for sizes, syncs and work that opens its own txns.
+    pub fn current(&self) -> Arc<Backend> {
+        self.current.load_full()
+    }
+
+    /// A read txn and the backend it belongs to.
+    pub fn read(&self) -> Result<(Arc<Backend>, RoTxn<'static, WithoutTls>), KvError> {
+        for _ in 0..MAX_READ_ATTEMPTS {
+            let b = self.current.load_full();
+            let txn = b.env.clone().static_read_txn()?;
+            if Arc::ptr_eq(&b, &self.current.load()) {
+                return Ok((b, txn));
+            }
+        }
+        Err(KvError::Internal(
+            "backend swapped repeatedly during a read".into(),
+        ))
+    }
+
+    /// Makes `b` the backend every later read and write uses.
+    pub fn swap(&self, b: Backend) {
+        self.current.store(Arc::new(b));
+    }
+}
+
+/// Online defragmentation (etcd's Maintenance.Defragment), run by the apply actor between
+/// batches, so nothing is written meanwhile: a compacting copy of `current` into the
+/// fresh directory `scratch`, made durable and opened, then swapped with `db_dir` in one
+/// atomic `renameat2(RENAME_EXCHANGE)` (a crash at any point leaves either the old or
+/// the new complete environment at `db_dir`); the old files go (readers still in them
+/// keep their mapping until they finish). The caller swaps the returned backend in.
+pub fn defragment_online(
+    current: &Backend,
+    db_dir: &Path,
+    scratch: &Path,
+) -> Result<Backend, KvError> {
+    use std::os::unix::ffi::OsStrExt;
+    let io = |what: &str, e: std::io::Error| KvError::Internal(format!("defragment: {what}: {e}"));
+    assert!(db_dir != scratch && db_dir.parent() == scratch.parent());
+    let _ = std::fs::remove_dir_all(scratch); // left by a crash during a previous run
+    std::fs::create_dir_all(scratch).map_err(|e| io("create scratch dir", e))?;
+    let data = scratch.join("data.mdb");
+    let copy = current
+        .env
+        .copy_to_path(&data, heed::CompactionOption::Enabled)?;
+    let mode = std::fs::metadata(db_dir.join("data.mdb")).map(|m| m.permissions());
+    if let Ok(mode) = mode {
+        copy.set_permissions(mode)
+            .map_err(|e| io("keep the file mode", e))?;
+    }
+    copy.sync_all()
+        .map_err(|e| io("sync the compacted copy", e))?;
+    drop(copy);
+    let map_size_bytes = current.env.info().map_size;
+    let fresh = Backend::open(scratch, map_size_bytes)?;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (from, to) = match (c(scratch), c(db_dir)) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return Err(KvError::Internal("defragment: path with a NUL byte".into())),
+    };
+    // SAFETY: two NUL-terminated paths; AT_FDCWD resolves them like rename(2).
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc != 0 {
+        return Err(io("exchange directories", std::io::Error::last_os_error()));
+    }
+    if let Some(parent) = db_dir.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync the member dir", e))?;
+    }
+    // `scratch` now holds the old files.
+    if let Err(e) = std::fs::remove_dir_all(scratch) {
+        tracing::warn!("defragment: removing the old files: {e}");
+    }
+    Ok(fresh)
+}
+
+/// Removes scratch directories an interrupted online defragmentation left in `member_dir`.
+pub fn remove_defrag_leftovers(member_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(member_dir) else {
+        return;
+    };
+    for e in entries.flatten().take(1000) {
+        if e.file_name().to_string_lossy().starts_with("db.defrag-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
