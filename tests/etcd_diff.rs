@@ -21,6 +21,20 @@ fn have(bin: &str, version_arg: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether the test must be skipped: etcd or etcdctl missing (never when CI's
+/// COREKV_REQUIRE_ETCD is set: then that is a failure).
+fn skip_without_etcd(test: &str) -> bool {
+    if have("etcd", "--version") && have("etcdctl", "version") {
+        return false;
+    }
+    assert!(
+        std::env::var("COREKV_REQUIRE_ETCD").is_err(),
+        "etcd/etcdctl missing but COREKV_REQUIRE_ETCD is set"
+    );
+    eprintln!("SKIPPED {test}: apt-get install etcd-server etcd-client");
+    true
+}
+
 struct Etcd {
     child: Child,
     client: String,
@@ -250,14 +264,7 @@ fn normalize(s: &str, endpoint: &str) -> String {
 
 #[test]
 fn etcdctl_session_matches_real_etcd() {
-    if !(have("etcd", "--version") && have("etcdctl", "version")) {
-        assert!(
-            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
-            "etcd/etcdctl missing but COREKV_REQUIRE_ETCD is set"
-        );
-        eprintln!(
-            "SKIPPED etcdctl_session_matches_real_etcd: apt-get install etcd-server etcd-client"
-        );
+    if skip_without_etcd("etcdctl_session_matches_real_etcd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -447,14 +454,7 @@ fn normalize_json_strings(s: &str, endpoint: &str) -> String {
 
 #[test]
 fn json_gateway_matches_real_etcd() {
-    if !have("etcd", "--version") {
-        assert!(
-            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
-            "etcd missing but COREKV_REQUIRE_ETCD is set"
-        );
-        eprintln!(
-            "SKIPPED json_gateway_matches_real_etcd: apt-get install etcd-server etcd-client"
-        );
+    if skip_without_etcd("json_gateway_matches_real_etcd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -647,12 +647,7 @@ fn json_gateway_matches_real_etcd() {
 /// keys it wrote are gone afterwards on both.
 #[test]
 fn check_perf_passes_as_on_etcd() {
-    if !(have("etcd", "--version") && have("etcdctl", "version")) {
-        assert!(
-            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
-            "etcd/etcdctl missing but COREKV_REQUIRE_ETCD is set"
-        );
-        eprintln!("SKIPPED check_perf_passes_as_on_etcd: apt-get install etcd-server etcd-client");
+    if skip_without_etcd("check_perf_passes_as_on_etcd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -860,12 +855,7 @@ fn retry_warning_gist(line: &str) -> String {
 
 #[test]
 fn auth_session_matches_real_etcd() {
-    if !(have("etcd", "--version") && have("etcdctl", "version")) {
-        assert!(
-            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
-            "etcd/etcdctl missing but COREKV_REQUIRE_ETCD is set"
-        );
-        eprintln!("SKIPPED auth_session_matches_real_etcd: apt-get install etcd-server");
+    if skip_without_etcd("auth_session_matches_real_etcd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
