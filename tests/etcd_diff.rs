@@ -946,20 +946,10 @@ fn auth_session_matches_real_etcd() {
                 r#"{"name":"u1","password":"no"}"#,
             ),
         ];
-        let root = token_of(&http_as(
-            ep,
-            "POST",
-            "/v3/auth/authenticate",
-            None,
-            r#"{"name":"root","password":"rootpw"}"#,
-        ));
-        let u1 = token_of(&http_as(
-            ep,
-            "POST",
-            "/v3/auth/authenticate",
-            None,
-            r#"{"name":"u1","password":"p1"}"#,
-        ));
+        let login =
+            |body: &str| token_of(&http_as(ep, "POST", "/v3/auth/authenticate", None, body));
+        let root = login(r#"{"name":"root","password":"rootpw"}"#);
+        let u1 = login(r#"{"name":"u1","password":"p1"}"#);
         assert!(!root.is_empty() && !u1.is_empty(), "tokens issued on {ep}");
         let (root, u1) = (Some(root.as_str()), Some(u1.as_str()));
         log.extend([

@@ -177,24 +177,11 @@ pub fn defragment_online(
     scratch: &Path,
 ) -> Result<Backend, KvError> {
     use std::os::unix::ffi::OsStrExt;
-    let io = |what: &str, e: std::io::Error| KvError::Internal(format!("defragment: {what}: {e}"));
     assert!(db_dir != scratch && db_dir.parent() == scratch.parent());
     let _ = std::fs::remove_dir_all(scratch); // left by a crash during a previous run
-    std::fs::create_dir_all(scratch).map_err(|e| io("create scratch dir", e))?;
-    let data = scratch.join("data.mdb");
-    let copy = current
-        .env
-        .copy_to_path(&data, heed::CompactionOption::Enabled)?;
-    let mode = std::fs::metadata(db_dir.join("data.mdb")).map(|m| m.permissions());
-    if let Ok(mode) = mode {
-        copy.set_permissions(mode)
-            .map_err(|e| io("keep the file mode", e))?;
-    }
-    copy.sync_all()
-        .map_err(|e| io("sync the compacted copy", e))?;
-    drop(copy);
-    let map_size_bytes = current.env.info().map_size;
-    let fresh = Backend::open(scratch, map_size_bytes)?;
+    let fresh = compacted_copy(current, db_dir, scratch).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(scratch);
+    })?;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
     let (from, to) = match (c(scratch), c(db_dir)) {
         (Ok(a), Ok(b)) => (a, b),
@@ -211,18 +198,44 @@ pub fn defragment_online(
         )
     };
     if rc != 0 {
-        return Err(io("exchange directories", std::io::Error::last_os_error()));
+        let e = std::io::Error::last_os_error();
+        drop(fresh);
+        let _ = std::fs::remove_dir_all(scratch);
+        return Err(KvError::Internal(format!(
+            "defragment: exchange directories: {e}"
+        )));
     }
+    // From here the fresh environment is the one at `db_dir` and must be used whatever
+    // happens next: writing on to the old one (now at `scratch`) would lose those writes
+    // at the next start.
     if let Some(parent) = db_dir.parent() {
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("sync the member dir", e))?;
+        if let Err(e) = std::fs::File::open(parent).and_then(|d| d.sync_all()) {
+            tracing::warn!("defragment: syncing the member dir: {e}");
+        }
     }
     // `scratch` now holds the old files.
     if let Err(e) = std::fs::remove_dir_all(scratch) {
         tracing::warn!("defragment: removing the old files: {e}");
     }
     Ok(fresh)
+}
+
+/// The compacting copy of `current` in the new directory `scratch`, durable, opened with
+/// the same map size.
+fn compacted_copy(current: &Backend, db_dir: &Path, scratch: &Path) -> Result<Backend, KvError> {
+    let io = |what: &str, e: std::io::Error| KvError::Internal(format!("defragment: {what}: {e}"));
+    std::fs::create_dir_all(scratch).map_err(|e| io("create scratch dir", e))?;
+    let copy = current
+        .env
+        .copy_to_path(scratch.join("data.mdb"), heed::CompactionOption::Enabled)?;
+    if let Ok(m) = std::fs::metadata(db_dir.join("data.mdb")) {
+        copy.set_permissions(m.permissions())
+            .map_err(|e| io("keep the file mode", e))?;
+    }
+    copy.sync_all()
+        .map_err(|e| io("sync the compacted copy", e))?;
+    drop(copy);
+    Backend::open(scratch, current.env.info().map_size)
 }
 
 /// Removes scratch directories an interrupted online defragmentation left in `member_dir`.
@@ -237,34 +250,19 @@ pub fn remove_defrag_leftovers(member_dir: &Path) {
     }
 }
 
-/// etcd's offline defragmentation (`etcdctl defrag --data-dir`) for LMDB: a compacting
-/// copy of the environment (free pages dropped, the file as small as its data), made
-/// durable, then renamed over the original. LMDB reuses freed pages but never shrinks its
-/// file in place, so this is how space returns to the disk (and how the quota, which like
-/// etcd's counts the file, gets room again after a compaction). The caller holds the data
-/// dir's lock: no server may have it open. Returns the file size before and after.
+/// etcd's offline defragmentation (`etcdctl defrag --data-dir`): the online procedure on
+/// an environment no server has open (the caller holds the data dir's lock). Returns the
+/// file size before and after.
 pub fn defragment_offline(db_dir: &Path) -> Result<(u64, u64), KvError> {
     let data = db_dir.join("data.mdb");
-    let io = |what: &str, e: std::io::Error| KvError::Client(format!("{what}: {e}"));
-    let original = std::fs::metadata(&data).map_err(|e| io(&data.display().to_string(), e))?;
-    let before = original.len();
-    let tmp = db_dir.join("data.mdb.defrag");
-    let _ = std::fs::remove_file(&tmp); // a copy left by an interrupted run
-    {
-        let map_size_bytes = (before as usize).max(1 << 20) + (1 << 20);
-        let b = Backend::open(db_dir, map_size_bytes)?;
-        let copy = b.env.copy_to_path(&tmp, heed::CompactionOption::Enabled)?;
-        copy.set_permissions(original.permissions())
-            .and_then(|_| copy.sync_all())
-            .map_err(|e| io("sync the compacted copy", e))?;
-    }
-    std::fs::rename(&tmp, &data).map_err(|e| io("replace data.mdb", e))?;
-    std::fs::File::open(db_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("sync the db dir", e))?;
-    let after = std::fs::metadata(&data)
-        .map_err(|e| io("stat data.mdb", e))?
+    let before = std::fs::metadata(&data)
+        .map_err(|e| KvError::Client(format!("{}: {e}", data.display())))?
         .len();
+    let map_size_bytes = (before as usize).max(1 << 20) + (1 << 20);
+    let current = Backend::open(db_dir, map_size_bytes)?;
+    let scratch = db_dir.with_file_name("db.defrag-offline");
+    let fresh = defragment_online(&current, db_dir, &scratch)?;
+    let after = fresh.file_size_bytes();
     assert!(
         after > 0,
         "a compacted environment still has its meta pages"
