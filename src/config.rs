@@ -24,6 +24,9 @@ pub const ETCD_FLAGS: &[&str] = &[
     "discovery-srv",
     "listen-client-urls",
     "advertise-client-urls",
+    "auth-token",
+    "auth-token-ttl",
+    "bcrypt-cost",
 ];
 
 /// Copies `ETCD_X` to `COREKV_X` where only the former is set, before clap reads env.
@@ -91,6 +94,15 @@ pub struct ServeConfig {
     /// not enforced: the HTTP/2 server answers every ping (README, differences).
     #[arg(long, env = "COREKV_GRPC_KEEPALIVE_MIN_TIME", default_value = "5s", value_parser = parse_positive_duration)]
     pub grpc_keepalive_min_time: std::time::Duration,
+    /// Auth token type: only etcd's default `simple` tokens are built (jwt is refused).
+    #[arg(long, env = "COREKV_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// Seconds a simple token lives without use.
+    #[arg(long, env = "COREKV_AUTH_TOKEN_TTL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_token_ttl: u64,
+    /// bcrypt cost for hashing user passwords (etcd's range 4..=31).
+    #[arg(long, env = "COREKV_BCRYPT_COST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
     /// Maximum concurrent gRPC streams per client connection.
     #[arg(long, env = "COREKV_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
@@ -224,6 +236,14 @@ impl ServeConfig {
         }
         if self.wal_segment_bytes < (1 << 20) || !self.wal_segment_bytes.is_multiple_of(4096) {
             return Err("--wal-segment-bytes must be a multiple of 4096 and at least 1 MiB".into());
+        }
+        if self.auth_token != "simple" {
+            let kind = self.auth_token.split(',').next().unwrap_or("");
+            return Err(if kind == "jwt" {
+                "--auth-token jwt is not supported by corekv (only simple tokens)".into()
+            } else {
+                format!("unknown token type: {kind}")
+            });
         }
         if self.max_request_bytes > 64 << 20 {
             return Err("--max-request-bytes must be at most 64 MiB".into());

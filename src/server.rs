@@ -419,7 +419,9 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
     let mut mb = Mailboxes::new(shards);
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let tokens = std::sync::Arc::new(crate::storage::auth::Tokens::default());
+    let tokens = std::sync::Arc::new(crate::storage::auth::Tokens::new(Duration::from_secs(
+        cfg.auth_token_ttl,
+    )));
     tokens.sync_enabled(&rec.backend);
     // Every actor but apply reaches LMDB through the store (online defrag swaps it). The
     // apply actor takes this one; no other clone may outlive the start, or a defragmented
@@ -679,6 +681,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         cfg.max_request_bytes as usize,
         store.clone(),
         tokens,
+        cfg.bcrypt_cost,
     );
     if cfg.grpc_keepalive_min_time != std::time::Duration::from_secs(5) {
         tracing::warn!(

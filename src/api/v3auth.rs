@@ -122,8 +122,8 @@ impl Gateway {
 }
 
 /// bcrypt on tokio's blocking pool: tens of ms of CPU must not stall the gRPC threads.
-async fn hash_off_thread(password: String) -> Result<String, Status> {
-    tokio::task::spawn_blocking(move || store::hash_password(&password))
+async fn hash_off_thread(password: String, cost: u32) -> Result<String, Status> {
+    tokio::task::spawn_blocking(move || store::hash_password(&password, cost))
         .await
         .map_err(|e| Status::internal(format!("etcdserver: bcrypt task: {e}")))?
         .map_err(super::v3rpc::to_status)
@@ -134,13 +134,14 @@ async fn new_password_hash(
     password: String,
     hashed: String,
     no_password: bool,
+    cost: u32,
 ) -> Result<Option<String>, Status> {
     if no_password {
         Ok(None)
     } else if !hashed.is_empty() {
         Ok(Some(hashed))
     } else {
-        Ok(Some(hash_off_thread(password).await?))
+        Ok(Some(hash_off_thread(password, cost).await?))
     }
 }
 
@@ -258,7 +259,9 @@ impl Auth for Gateway {
             return Err(super::v3rpc::to_status(KvError::UserEmpty));
         }
         let no_password = r.options.is_some_and(|o| o.no_password);
-        let password_hash = new_password_hash(r.password, r.hashed_password, no_password).await?;
+        let cost = self.bcrypt_cost();
+        let password_hash =
+            new_password_hash(r.password, r.hashed_password, no_password, cost).await?;
         let a = AuthRequest::UserAdd {
             name: r.name,
             password_hash,
@@ -311,7 +314,8 @@ impl Auth for Gateway {
         // Refuse before spending a bcrypt round on a caller who may not do this.
         self.check_admin(&who)?;
         let r = req.into_inner();
-        let password_hash = new_password_hash(r.password, r.hashed_password, false).await?;
+        let cost = self.bcrypt_cost();
+        let password_hash = new_password_hash(r.password, r.hashed_password, false, cost).await?;
         let a = AuthRequest::UserChangePassword {
             name: r.name,
             password_hash,

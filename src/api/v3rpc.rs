@@ -39,6 +39,8 @@ struct GatewayInner {
     /// Read-only use: the auth store's checks before a request is bridged.
     backend: crate::storage::backend::Store,
     tokens: Arc<crate::storage::auth::Tokens>,
+    /// `--bcrypt-cost` for passwords set through this front end.
+    bcrypt_cost: u32,
     shards: Vec<mpsc::Sender<BridgeRequest>>,
     /// Writes go to the shard of the raft actor: one cross-shard hop fewer.
     raft_shard: usize,
@@ -76,12 +78,14 @@ impl Gateway {
         max_request_bytes: usize,
         backend: crate::storage::backend::Store,
         tokens: Arc<crate::storage::auth::Tokens>,
+        bcrypt_cost: u32,
     ) -> Gateway {
         assert!(raft_shard < shards.len());
         Gateway {
             inner: Arc::new(GatewayInner {
                 backend,
                 tokens,
+                bcrypt_cost,
                 shards,
                 raft_shard,
                 next: AtomicUsize::new(0),
@@ -133,6 +137,10 @@ impl Gateway {
 
     pub(crate) fn backend(&self) -> &crate::storage::backend::Store {
         &self.inner.backend
+    }
+
+    pub(crate) fn bcrypt_cost(&self) -> u32 {
+        self.inner.bcrypt_cost
     }
 
     pub(crate) fn tokens(&self) -> &crate::storage::auth::Tokens {

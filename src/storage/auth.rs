@@ -374,8 +374,6 @@ pub fn apply(
     Ok(AuthResponse::Done)
 }
 
-/// etcd's simple-token TTL (`--auth-token-ttl`, 300 s), renewed by every use.
-pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 /// Tokens held per member; the oldest are dropped beyond this (bounded memory).
 const MAX_TOKENS: usize = 100_000;
 
@@ -385,6 +383,8 @@ const MAX_TOKENS: usize = 100_000;
 /// with auth off the request path never takes this lock.
 pub struct Tokens {
     start: Instant,
+    /// How long a token lives without use (`--auth-token-ttl`, etcd's 300 s default).
+    ttl: Duration,
     table: RwLock<HashMap<String, Token>>,
     /// Mirror of the stored flag, so requests skip the auth store while auth is off (as
     /// etcd keeps its flag in memory); set at start and after every applied enable or
@@ -398,17 +398,17 @@ struct Token {
     expires_ms: AtomicU64,
 }
 
-impl Default for Tokens {
-    fn default() -> Self {
+impl Tokens {
+    pub fn new(ttl: Duration) -> Tokens {
+        assert!(!ttl.is_zero(), "a token must live a while");
         Tokens {
             start: Instant::now(),
+            ttl,
             table: RwLock::new(HashMap::new()),
             enabled: AtomicBool::new(false),
         }
     }
-}
 
-impl Tokens {
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
@@ -418,13 +418,15 @@ impl Tokens {
             return; // never valid; the apply path only issues for existing users
         }
         let now = self.now_ms();
-        let expires_ms = AtomicU64::new(now + TOKEN_TTL.as_millis() as u64);
+        let expires_ms = AtomicU64::new(now + self.ttl.as_millis() as u64);
         let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
         if table.len() >= MAX_TOKENS {
             table.retain(|_, t| t.expires_ms.load(Ordering::Relaxed) > now);
         }
         if table.len() < MAX_TOKENS {
             table.insert(token, Token { user, expires_ms });
+        } else {
+            tracing::warn!("{MAX_TOKENS} live auth tokens: a new one is not kept");
         }
     }
 
@@ -437,7 +439,7 @@ impl Tokens {
             return None;
         }
         t.expires_ms
-            .store(now + TOKEN_TTL.as_millis() as u64, Ordering::Relaxed);
+            .store(now + self.ttl.as_millis() as u64, Ordering::Relaxed);
         Some(t.user.clone())
     }
 
@@ -478,12 +480,10 @@ pub fn token_prefix() -> Result<String, KvError> {
         .collect())
 }
 
-/// etcd's bcrypt cost (`--bcrypt-cost` default 10).
-pub const BCRYPT_COST: u32 = 10;
-
-/// Hashes a password (CPU-heavy: tens of ms; call it off any latency-sensitive executor).
-pub fn hash_password(password: &str) -> Result<String, KvError> {
-    bcrypt::hash(password, BCRYPT_COST).map_err(|e| KvError::Internal(format!("bcrypt: {e}")))
+/// Hashes a password at `cost` (`--bcrypt-cost`; at etcd's default 10, tens of ms of CPU:
+/// call it off any latency-sensitive executor).
+pub fn hash_password(password: &str, cost: u32) -> Result<String, KvError> {
+    bcrypt::hash(password, cost).map_err(|e| KvError::Internal(format!("bcrypt: {e}")))
 }
 
 /// Checks a password against a stored hash (CPU-heavy like `hash_password`).
