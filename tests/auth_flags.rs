@@ -7,24 +7,6 @@ use common::*;
 use std::process::Command;
 use std::time::Duration;
 
-/// One gateway POST with an optional token; returns "STATUS BODY".
-fn post(endpoint: &str, path: &str, token: Option<&str>, body: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(endpoint).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    c.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    let _ = c.read_to_string(&mut resp);
-    let status = resp.split(' ').nth(1).unwrap_or("").to_string();
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-    format!("{status} {body}")
-}
-
 #[test]
 fn token_ttl_and_bcrypt_cost_flags() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,10 +19,10 @@ fn token_ttl_and_bcrypt_cost_flags() {
         ("/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#),
         ("/v3/auth/enable", "{}"),
     ] {
-        let out = post(&ep, path, None, body);
+        let out = gateway_post(&ep, path, None, body);
         assert!(out.starts_with("200 "), "{path}: {out}");
     }
-    let out = post(
+    let out = gateway_post(
         &ep,
         "/v3/auth/authenticate",
         None,
@@ -53,13 +35,13 @@ fn token_ttl_and_bcrypt_cost_flags() {
     let put = r#"{"key":"Zm9v","value":"YmFy"}"#;
     // Used every second: renewed each time, so it outlives its 2 s TTL.
     for _ in 0..4 {
-        let out = post(&ep, "/v3/kv/put", Some(&token), put);
+        let out = gateway_post(&ep, "/v3/kv/put", Some(&token), put);
         assert!(out.starts_with("200 "), "{out}");
         std::thread::sleep(Duration::from_millis(1000));
     }
     // Unused for 3 s: gone.
     std::thread::sleep(Duration::from_millis(3000));
-    let out = post(&ep, "/v3/kv/put", Some(&token), put);
+    let out = gateway_post(&ep, "/v3/kv/put", Some(&token), put);
     assert!(out.contains("etcdserver: invalid auth token"), "{out}");
     assert!(out.starts_with("401 "), "{out}");
     // The stored hash carries the flag's cost: bcrypt's "$2b$04$" prefix in the data file

@@ -5,7 +5,7 @@
 mod common;
 
 use common::cluster::{Cluster, Partition};
-use common::json;
+use common::{gateway_post, json};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,24 +53,6 @@ fn three_member_cluster_replicates() {
     replicate(3, 21);
 }
 
-/// One gateway POST with an optional token; returns "STATUS BODY".
-fn post(endpoint: &str, path: &str, token: Option<&str>, body: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(endpoint).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    c.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    let _ = c.read_to_string(&mut resp);
-    let status = resp.split(' ').nth(1).unwrap_or("").to_string();
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-    format!("{status} {body}")
-}
-
 /// Auth is replicated state: set up on one member, enabled through another, a token
 /// issued by a third works on all (it is issued through raft), followers judge reads and
 /// forwarded writes alike, and every member's native port refuses while auth is on.
@@ -96,12 +78,12 @@ fn auth_is_cluster_wide() {
     .iter()
     .enumerate()
     {
-        let out = post(&ep[i % 3], path, None, body);
+        let out = gateway_post(&ep[i % 3], path, None, body);
         assert!(out.starts_with("200 "), "{path} on member {}: {out}", i % 3);
     }
     let token = |i: usize, name: &str, pw: &str| -> String {
         let body = format!(r#"{{"name":"{name}","password":"{pw}"}}"#);
-        let out = post(&ep[i], "/v3/auth/authenticate", None, &body);
+        let out = gateway_post(&ep[i], "/v3/auth/authenticate", None, &body);
         let v = json(out.split_once(' ').map_or("", |p| p.1));
         v["token"]
             .as_str()
@@ -114,20 +96,20 @@ fn auth_is_cluster_wide() {
             r#"{{"key":"L2FwcC94","value":"{}"}}"#,
             ["MA==", "MQ==", "Mg=="][i]
         );
-        let out = post(e, "/v3/kv/put", Some(&alice), &put);
+        let out = gateway_post(e, "/v3/kv/put", Some(&alice), &put);
         assert!(out.starts_with("200 "), "put as alice on member {i}: {out}");
         let other = r#"{"key":"L290aGVy","value":"MQ=="}"#;
-        let out = post(e, "/v3/kv/put", Some(&alice), other);
+        let out = gateway_post(e, "/v3/kv/put", Some(&alice), other);
         assert!(
             out.contains("etcdserver: permission denied"),
             "member {i}: {out}"
         );
-        let out = post(e, "/v3/kv/range", Some(&alice), r#"{"key":"L2FwcC94"}"#);
+        let out = gateway_post(e, "/v3/kv/range", Some(&alice), r#"{"key":"L2FwcC94"}"#);
         assert!(
             out.contains(r#""value":"#),
             "read as alice on member {i}: {out}"
         );
-        let out = post(e, "/v3/kv/range", None, r#"{"key":"L2FwcC94"}"#);
+        let out = gateway_post(e, "/v3/kv/range", None, r#"{"key":"L2FwcC94"}"#);
         assert!(
             out.contains("etcdserver: user name is empty"),
             "member {i}: {out}"
@@ -139,7 +121,7 @@ fn auth_is_cluster_wide() {
         );
     }
     let root = token(1, "root", "rootpw");
-    let out = post(&ep[0], "/v3/auth/disable", Some(&root), "{}");
+    let out = gateway_post(&ep[0], "/v3/auth/disable", Some(&root), "{}");
     assert!(out.starts_with("200 "), "{out}");
     // Off again everywhere: the native port serves, the last write is there.
     let all: Vec<usize> = (0..3).collect();

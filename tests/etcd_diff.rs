@@ -35,6 +35,18 @@ fn skip_without_etcd(test: &str) -> bool {
     true
 }
 
+/// A fresh etcd and a fresh corekv side by side (None: the test is skipped). The temp
+/// dir holding both must outlive them.
+fn etcd_beside_corekv(test: &str) -> Option<(tempfile::TempDir, Etcd, Server)> {
+    if skip_without_etcd(test) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start_etcd(dir.path());
+    let corekv = Server::start(&dir.path().join("corekv"), &SMALL_WAL);
+    Some((dir, etcd, corekv))
+}
+
 struct Etcd {
     child: Child,
     client: String,
@@ -264,12 +276,9 @@ fn normalize(s: &str, endpoint: &str) -> String {
 
 #[test]
 fn etcdctl_session_matches_real_etcd() {
-    if skip_without_etcd("etcdctl_session_matches_real_etcd") {
+    let Some((_dir, etcd, corekv)) = etcd_beside_corekv("etcdctl_session_matches_real_etcd") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = start_etcd(dir.path());
-    let corekv = Server::start(&dir.path().join("corekv"), &SMALL_WAL);
+    };
     let ours = corekv.grpc_endpoint();
 
     let txn_ok = "mod(\"k1\") > \"0\"\nvalue(\"k1\") = \"v1\"\n\nput k1 \"new v\"\nget k1\ndel k9\n\nput k1 fail\n\n";
@@ -454,12 +463,9 @@ fn normalize_json_strings(s: &str, endpoint: &str) -> String {
 
 #[test]
 fn json_gateway_matches_real_etcd() {
-    if skip_without_etcd("json_gateway_matches_real_etcd") {
+    let Some((_dir, etcd, corekv)) = etcd_beside_corekv("json_gateway_matches_real_etcd") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = start_etcd(dir.path());
-    let corekv = Server::start(&dir.path().join("corekv"), &SMALL_WAL);
+    };
     let ours = corekv.grpc_endpoint();
     let steps: &[(&str, &str, &str)] = &[
         ("POST", "/v3/kv/put", r#"{"key":"Zm9v","value":"YmFy"}"#),
@@ -647,12 +653,9 @@ fn json_gateway_matches_real_etcd() {
 /// keys it wrote are gone afterwards on both.
 #[test]
 fn check_perf_passes_as_on_etcd() {
-    if skip_without_etcd("check_perf_passes_as_on_etcd") {
+    let Some((_dir, etcd, corekv)) = etcd_beside_corekv("check_perf_passes_as_on_etcd") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = start_etcd(dir.path());
-    let corekv = Server::start(&dir.path().join("corekv"), &SMALL_WAL);
+    };
     let ours = corekv.grpc_endpoint();
     let verdict = |ep: String| {
         std::thread::spawn(move || {
@@ -855,12 +858,10 @@ fn retry_warning_gist(line: &str) -> String {
 
 #[test]
 fn auth_session_matches_real_etcd() {
-    if skip_without_etcd("auth_session_matches_real_etcd") {
+    let Some((_dir, etcd, mut corekv)) = etcd_beside_corekv("auth_session_matches_real_etcd")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = start_etcd(dir.path());
-    let mut corekv = Server::start(&dir.path().join("corekv"), &SMALL_WAL);
+    };
     let ours = corekv.grpc_endpoint();
     let mut compared = 0;
     let mut restarted = false;

@@ -191,6 +191,24 @@ impl Drop for Server {
 /// Small segments keep test disks light and exercise segment rotation.
 pub const SMALL_WAL: [&str; 2] = ["--wal-segment-bytes", "1048576"];
 
+/// One POST to the JSON gateway with an optional `Authorization` token; "STATUS BODY".
+pub fn gateway_post(endpoint: &str, path: &str, token: Option<&str>, body: &str) -> String {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(endpoint).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = c.read_to_string(&mut resp);
+    let status = resp.split(' ').nth(1).unwrap_or("").to_string();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    format!("{status} {body}")
+}
+
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
 }
