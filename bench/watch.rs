@@ -105,6 +105,127 @@ impl WatchWorkload {
     }
 }
 
+/// What the loader reads of a WatchResponse: only what it measures, parsed in place. A
+/// full prost decode of every event made the loader, not the server, the bottleneck.
+#[derive(Debug, Default)]
+struct WatchSeen {
+    created: bool,
+    events: u64,
+    /// The send times (ns since the run's epoch) in the events' values.
+    stamps: Vec<u64>,
+}
+
+/// Protobuf wire walking: each field of `b` as (number, varint value or payload).
+fn for_each_field(mut b: &[u8], mut f: impl FnMut(u64, u64, &[u8])) -> Result<(), String> {
+    let decode_varint =
+        |b: &mut &[u8]| prost::encoding::decode_varint(b).map_err(|e| e.to_string());
+    // Bounded: every step consumes at least the key byte.
+    while !b.is_empty() {
+        let key = decode_varint(&mut b)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                let v = decode_varint(&mut b)?;
+                f(field, v, &[]);
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                b = b.get(n..).ok_or_else(|| "short fixed field".to_string())?;
+            }
+            2 => {
+                let len = decode_varint(&mut b)? as usize;
+                let payload = b
+                    .get(..len)
+                    .ok_or_else(|| "short length-delimited field".to_string())?;
+                f(field, 0, payload);
+                b = &b[len..];
+            }
+            _ => return Err(format!("unexpected wire type {wire}")),
+        }
+    }
+    Ok(())
+}
+
+/// WatchResponse field numbers (etcd's rpc.proto) and below.
+const CREATED: u64 = 3;
+const EVENTS: u64 = 11;
+const EVENT_KV: u64 = 2;
+const KV_VALUE: u64 = 5;
+
+fn parse_watch(b: &[u8]) -> Result<WatchSeen, String> {
+    let mut seen = WatchSeen::default();
+    let mut err = None;
+    for_each_field(b, |field, v, payload| match field {
+        CREATED => seen.created = v != 0,
+        EVENTS => {
+            seen.events += 1;
+            let r = for_each_field(payload, |f, _, kv| {
+                if f != EVENT_KV {
+                    return;
+                }
+                let r = for_each_field(kv, |f, _, value| {
+                    if let (KV_VALUE, Some(b)) = (f, value.get(..8)) {
+                        let stamp: [u8; 8] = b.try_into().unwrap_or_default();
+                        seen.stamps.push(u64::from_be_bytes(stamp));
+                    }
+                });
+                err = err.take().or(r.err());
+            });
+            err = err.take().or(r.err());
+        }
+        _ => {}
+    })?;
+    err.map_or(Ok(seen), Err)
+}
+
+struct WatchSeenDecoder;
+
+impl tonic::codec::Decoder for WatchSeenDecoder {
+    type Item = WatchSeen;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<WatchSeen>, tonic::Status> {
+        use bytes::Buf;
+        let msg = buf.copy_to_bytes(buf.remaining());
+        parse_watch(&msg).map(Some).map_err(tonic::Status::internal)
+    }
+}
+
+#[derive(Default)]
+struct WatchSeenCodec;
+
+impl tonic::codec::Codec for WatchSeenCodec {
+    type Encode = pb::WatchRequest;
+    type Decode = WatchSeen;
+    type Encoder = tonic_prost::ProstEncoder<pb::WatchRequest>;
+    type Decoder = WatchSeenDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+    fn decoder(&mut self) -> WatchSeenDecoder {
+        WatchSeenDecoder
+    }
+}
+
+/// Opens etcd's Watch stream, reading responses as `WatchSeen`.
+async fn open_watch(
+    channel: tonic::transport::Channel,
+    requests: tokio::sync::mpsc::Receiver<pb::WatchRequest>,
+) -> Result<tonic::Streaming<WatchSeen>, String> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    grpc.ready().await.map_err(|e| format!("watch: {e}"))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
+    let requests = tokio_stream::wrappers::ReceiverStream::new(requests);
+    grpc.streaming(tonic::Request::new(requests), path, WatchSeenCodec)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| format!("watch: {e}"))
+}
+
 async fn run_async(
     w: WatchArgs,
     rate: u64,
@@ -112,7 +233,6 @@ async fn run_async(
     server_pid: Option<u32>,
     done: Arc<AtomicU64>,
 ) -> Result<Outcome, String> {
-    use pb::watch_client::WatchClient;
     let key = b"corekv-bench-watch".to_vec();
     let epoch = Instant::now();
     let rss_before = server_pid.and_then(rss_bytes);
@@ -140,13 +260,7 @@ async fn run_async(
             };
             tx.send(req).await.map_err(|_| "watch stream closed")?;
         }
-        let mut client = WatchClient::new(conns[(s % w.conns.max(1)) as usize].clone())
-            .max_decoding_message_size(64 << 20);
-        let mut inbound = client
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|e| format!("watch: {e}"))?
-            .into_inner();
+        let mut inbound = open_watch(conns[(s % w.conns.max(1)) as usize].clone(), rx).await?;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         created.push(ready_rx);
         let (received, last, done) = (received.clone(), last_event_ns.clone(), done.clone());
@@ -167,17 +281,12 @@ async fn run_async(
                     }
                 }
                 let now = epoch.elapsed().as_nanos() as u64;
-                for e in &resp.events {
-                    if let Some(kv) = &e.kv {
-                        if let Ok(b) = <[u8; 8]>::try_from(&kv.value[..8.min(kv.value.len())]) {
-                            let sent = u64::from_be_bytes(b);
-                            let _ = h.record((now.saturating_sub(sent) / 1000).max(1));
-                        }
-                    }
+                for sent in &resp.stamps {
+                    let _ = h.record((now.saturating_sub(*sent) / 1000).max(1));
                 }
-                mine += resp.events.len() as u64;
-                received.fetch_add(resp.events.len() as u64, Ordering::Relaxed);
-                done.fetch_add(resp.events.len() as u64, Ordering::Relaxed);
+                mine += resp.events;
+                received.fetch_add(resp.events, Ordering::Relaxed);
+                done.fetch_add(resp.events, Ordering::Relaxed);
                 last.fetch_max(now, Ordering::Relaxed);
                 if mine >= n * w.puts {
                     break;
@@ -191,23 +300,29 @@ async fn run_async(
             .map_err(|_| "watch stream ended before all watches were created")?;
     }
     let rss_after = server_pid.and_then(rss_bytes);
-    // Writers: `put_clients` sequential loops over their own connection.
+    // Writers: `put_clients` sequential loops over their own connection, dialed first.
+    let writers_n = w.put_clients.max(1);
+    let mut channels = Vec::new();
+    for _ in 0..writers_n {
+        channels.push(grpc_channel(&url).await?);
+    }
     let first_put_ns = epoch.elapsed().as_nanos() as u64;
     let mut writers = Vec::new();
-    for p in 0..w.put_clients.max(1) {
-        let n = w.puts / w.put_clients.max(1) + u64::from(p < w.puts % w.put_clients.max(1));
-        let ch = grpc_channel(&url).await?;
+    // One schedule for all writers, interleaved (writer p sends puts p, p + W, p + 2W...):
+    // evenly spaced puts, as etcd's tool paces them through one rate limiter.
+    let start = tokio::time::Instant::now();
+    for (p, ch) in (0..writers_n).zip(channels) {
+        let n = w.puts / writers_n + u64::from(p < w.puts % writers_n);
         let key = key.clone();
-        let per_writer_rate = rate as f64 / w.put_clients.max(1) as f64;
         writers.push(tokio::spawn(async move {
             let mut kv = pb::kv_client::KvClient::new(ch);
-            let start = tokio::time::Instant::now();
             for i in 0..n {
                 if stopped() {
                     break;
                 }
-                if per_writer_rate > 0.0 {
-                    let due = start + Duration::from_secs_f64(i as f64 / per_writer_rate);
+                if rate > 0 {
+                    let slot = i * writers_n + p;
+                    let due = start + Duration::from_secs_f64(slot as f64 / rate as f64);
                     tokio::time::sleep_until(due).await;
                 }
                 let mut value = (epoch.elapsed().as_nanos() as u64).to_be_bytes().to_vec();

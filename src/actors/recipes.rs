@@ -97,7 +97,9 @@ impl InternalWatch {
         loop {
             match self.rx.next().await {
                 None => return Err(KvError::Stopped),
-                Some(WatchOut::Events { header, events, .. }) => return Ok((header, events)),
+                Some(WatchOut::Events { delivery, .. }) => {
+                    return Ok((delivery.header, delivery.events.clone()))
+                }
                 Some(WatchOut::Canceled {
                     compact_revision, ..
                 }) if compact_revision != 0 => return Err(KvError::Compacted),

@@ -18,7 +18,7 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub type StreamId = u64;
 /// Messages buffered per stream before its watchers fall back to catching up.
@@ -54,9 +54,8 @@ pub enum WatchOut {
         error: Option<String>,
     },
     Events {
-        header: Header,
         watch_id: i64,
-        events: Vec<Event>,
+        delivery: Arc<Delivery>,
         fragment: bool,
     },
     Canceled {
@@ -67,6 +66,67 @@ pub enum WatchOut {
     },
     /// watch_id -1: a progress report for the whole stream.
     Progress { header: Header, watch_id: i64 },
+}
+
+/// A batch's events as some watchers get them: one per batch and distinct event list,
+/// shared by every watcher that gets that list, so a revision fanned out to N watchers is
+/// built (and encoded for gRPC) once, not N times.
+#[derive(Debug)]
+pub struct Delivery {
+    pub header: Header,
+    pub events: Vec<Event>,
+    /// The gRPC encoding of `header` and `events`, made by the first stream sending it.
+    pub encoded: OnceLock<bytes::Bytes>,
+}
+
+impl Delivery {
+    pub fn new(header: Header, events: Vec<Event>) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            header,
+            events,
+            encoded: OnceLock::new(),
+        })
+    }
+}
+
+impl PartialEq for Delivery {
+    fn eq(&self, other: &Self) -> bool {
+        self.header == other.header && self.events == other.events
+    }
+}
+
+/// Hands out one `Delivery` per distinct (event subset, prev_kv) of a batch.
+struct Deliveries<'a> {
+    events: &'a [Event],
+    header: Header,
+    made: HashMap<(Vec<u32>, bool), Arc<Delivery>>,
+}
+
+impl<'a> Deliveries<'a> {
+    fn new(events: &'a [Event], header: Header) -> Self {
+        Deliveries {
+            events,
+            header,
+            made: HashMap::new(),
+        }
+    }
+
+    /// `picked`: indexes into the batch's events, ascending.
+    fn get(&mut self, picked: Vec<u32>, prev_kv: bool) -> Arc<Delivery> {
+        debug_assert!(picked.windows(2).all(|w| w[0] < w[1]));
+        let (events, header) = (self.events, self.header);
+        self.made
+            .entry((picked, prev_kv))
+            .or_insert_with_key(|(picked, prev_kv)| {
+                let evs = picked
+                    .iter()
+                    .filter_map(|&i| events.get(i as usize))
+                    .map(|e| event_for(e, *prev_kv))
+                    .collect();
+                Delivery::new(header, evs)
+            })
+            .clone()
+    }
 }
 
 /// Slot of a watcher in the hub's slab.
@@ -117,11 +177,10 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn events(&self, header: Header, events: Vec<Event>) -> WatchOut {
+    fn events(&self, delivery: Arc<Delivery>) -> WatchOut {
         WatchOut::Events {
-            header,
             watch_id: self.spec.watch_id,
-            events,
+            delivery,
             fragment: self.spec.has(FRAGMENT),
         }
     }
@@ -150,12 +209,12 @@ fn matches(spec: &Spec, ev: &Event) -> bool {
         && !(spec.has(NO_DELETE) && ev.kind == EventKind::Delete)
 }
 
-fn for_watcher(spec: &Spec, ev: &Event) -> Event {
-    let mut e = ev.clone();
-    if !spec.has(PREV_KV) {
-        e.prev_kv = None;
+fn event_for(ev: &Event, prev_kv: bool) -> Event {
+    Event {
+        kind: ev.kind,
+        kv: ev.kv.clone(),
+        prev_kv: ev.prev_kv.as_ref().filter(|_| prev_kv).cloned(),
     }
-    e
 }
 
 pub struct WatchHub {
@@ -551,9 +610,13 @@ impl WatchHub {
             }
             return;
         };
-        let mut per_watcher: HashMap<Wid, Vec<Event>> = HashMap::new();
+        // Each watcher's events as indexes into the batch.
+        let mut per_watcher: HashMap<Wid, Vec<u32>> = HashMap::new();
         let mut cands = Vec::new();
-        for ev in events.iter().filter(|e| e.kv.mod_revision >= from_rev) {
+        for (i, ev) in events.iter().enumerate() {
+            if ev.kv.mod_revision < from_rev {
+                continue;
+            }
             cands.clear();
             self.candidates(&ev.kv.key, &mut cands);
             for wid in &cands {
@@ -561,23 +624,20 @@ impl WatchHub {
                     continue;
                 };
                 if w.spec.synced && ev.kv.mod_revision >= w.next_rev && matches(&w.spec, ev) {
-                    per_watcher
-                        .entry(*wid)
-                        .or_default()
-                        .push(for_watcher(&w.spec, ev));
+                    per_watcher.entry(*wid).or_default().push(i as u32);
                 }
             }
         }
-        let header = self.header();
+        let mut deliveries = Deliveries::new(events, self.header());
         let mut dead = Vec::new();
-        for (wid, evs) in per_watcher {
+        for (wid, picked) in per_watcher {
             let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) else {
                 continue;
             };
             let Some(s) = self.streams.get_mut(&w.stream) else {
                 continue;
             };
-            let msg = w.events(header, evs);
+            let msg = w.events(deliveries.get(picked, w.spec.has(PREV_KV)));
             let sent = if s.pending.is_empty() {
                 s.tx.try_send(msg)
                     .map_err(|e| e.is_disconnected().then_some(w.stream))
@@ -677,25 +737,26 @@ impl WatchHub {
         } else {
             (Vec::new(), to + 1)
         };
-        let header = self.header();
+        let mut deliveries = Deliveries::new(&events, self.header());
         for wid in waiting {
             let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) else {
                 continue;
             };
-            let evs: Vec<Event> = events
-                .iter()
-                .filter(|e| {
+            let picked: Vec<u32> = (0u32..)
+                .zip(&events)
+                .filter(|(_, e)| {
                     e.kv.mod_revision >= w.next_rev
                         && e.kv.mod_revision < next
                         && matches(&w.spec, e)
                 })
-                .map(|e| for_watcher(&w.spec, e))
+                .map(|(i, _)| i)
                 .collect();
-            if !evs.is_empty() {
+            if !picked.is_empty() {
                 let Some(s) = self.streams.get_mut(&w.stream) else {
                     continue;
                 };
-                if s.tx.try_send(w.events(header, evs)).is_err() {
+                let msg = w.events(deliveries.get(picked, w.spec.has(PREV_KV)));
+                if s.tx.try_send(msg).is_err() {
                     continue; // still slow: try again next step
                 }
                 w.spec.notified = true;
@@ -765,8 +826,8 @@ mod tests {
 
     fn drain(rx: &mut mpsc::Receiver<WatchOut>, revs: &mut Vec<i64>) {
         while let Ok(m) = rx.try_recv() {
-            if let WatchOut::Events { events, .. } = m {
-                revs.extend(events.iter().map(|e| e.kv.mod_revision));
+            if let WatchOut::Events { delivery, .. } = m {
+                revs.extend(delivery.events.iter().map(|e| e.kv.mod_revision));
             }
         }
     }
@@ -876,9 +937,10 @@ mod tests {
             .map(|rx| {
                 let mut keys = Vec::new();
                 while let Ok(m) = rx.try_recv() {
-                    if let WatchOut::Events { events, .. } = m {
+                    if let WatchOut::Events { delivery, .. } = m {
                         keys.extend(
-                            events
+                            delivery
+                                .events
                                 .iter()
                                 .map(|e| String::from_utf8_lossy(&e.kv.key).into_owned()),
                         );

@@ -543,9 +543,9 @@ pub fn watch_out_to_resp(out: crate::actors::watch::WatchOut) -> WatchResponse {
             cancel_reason: error.unwrap_or_default(),
             ..Default::default()
         },
-        O::Events { header, events, .. } => WatchResponse {
-            header,
-            events,
+        O::Events { delivery, .. } => WatchResponse {
+            header: delivery.header,
+            events: delivery.events.clone(),
             ..Default::default()
         },
         O::Canceled {

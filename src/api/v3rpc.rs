@@ -6,9 +6,7 @@
 use crate::actors::bridge::BridgeRequest;
 use crate::error::{Code, KvError};
 use crate::etcdpb::etcdserverpb as pb;
-use crate::etcdpb::etcdserverpb::{
-    auth_server::AuthServer, lease_server::LeaseServer, watch_server::WatchServer,
-};
+use crate::etcdpb::etcdserverpb::{auth_server::AuthServer, lease_server::LeaseServer};
 use crate::etcdpb::etcdserverpb::{
     cluster_server::{Cluster, ClusterServer},
     kv_server::{Kv, KvServer},
@@ -756,7 +754,7 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result
                     )
                     .add_service(MaintenanceServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(ClusterServer::new(g.clone()).max_decoding_message_size(limit))
-                    .add_service(WatchServer::new(g.clone()).max_decoding_message_size(limit))
+                    .add_service(super::v3watch::WatchService::new(g.clone(), limit))
                     .add_service(LeaseServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(AuthServer::new(g.clone()).max_decoding_message_size(limit))
                     .add_service(LockServer::new(g.clone()).max_decoding_message_size(limit))

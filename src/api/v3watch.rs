@@ -1,19 +1,25 @@
 //! etcd's Watch service over gRPC: one bidirectional stream carries many watches. The
 //! stream lives on one shard's watch hub (chosen round robin when it opens); requests
 //! are forwarded to it in order and its bounded output becomes the response stream.
+//!
+//! The service is written out here rather than generated: its encoder sends a revision's
+//! events to N watchers as one shared encoding with each watcher's id spliced in front
+//! (protobuf fields may come in any order), so fan-out costs one encode per revision.
 
 use super::v3rpc::{header, kv_to_pb, to_status, BoxStream, Gateway};
 use crate::actors::bridge::{BridgeRequest, WatchCmd};
-use crate::actors::watch::{StreamId, WatchOut, WatchSpec, STREAM_BUFFER};
+use crate::actors::watch::{Delivery, StreamId, WatchOut, WatchSpec, STREAM_BUFFER};
 use crate::error::KvError;
 use crate::etcdpb::etcdserverpb as pb;
-use crate::etcdpb::etcdserverpb::watch_server::Watch;
 use crate::etcdpb::mvccpb;
 use crate::model::{Event, EventKind, PermType};
+use bytes::{BufMut, Bytes};
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::{http, Body, BoxFuture, StdError};
 use tonic::{Request, Response, Status, Streaming};
 
 pub(crate) static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
@@ -60,12 +66,13 @@ pub fn to_pb(m: WatchOut, max_bytes: usize) -> Vec<pb::WatchResponse> {
             ..Default::default()
         }],
         WatchOut::Events {
-            header: h,
             watch_id,
-            events,
+            delivery,
             fragment,
         } => {
-            let events: Vec<mvccpb::Event> = events.into_iter().map(event_to_pb).collect();
+            let h = delivery.header;
+            let events: Vec<mvccpb::Event> =
+                delivery.events.iter().cloned().map(event_to_pb).collect();
             let whole = pb::WatchResponse {
                 header: header(&h),
                 watch_id,
@@ -125,6 +132,164 @@ pub fn to_pb(m: WatchOut, max_bytes: usize) -> Vec<pb::WatchResponse> {
     }
 }
 
+/// What the Watch stream sends: a response built for one watcher, or a watcher's id in
+/// front of a delivery encoded once for every watcher that gets it.
+pub enum WatchFrame {
+    Single(pb::WatchResponse),
+    Shared { watch_id: i64, body: Bytes },
+}
+
+/// WatchResponse fields `header` and `events` of a delivery, encoded by the first stream
+/// that sends it.
+fn shared_body(d: &Delivery) -> Bytes {
+    d.encoded
+        .get_or_init(|| {
+            let r = pb::WatchResponse {
+                header: header(&d.header),
+                events: d.events.iter().cloned().map(event_to_pb).collect(),
+                ..Default::default()
+            };
+            Bytes::from(r.encode_to_vec())
+        })
+        .clone()
+}
+
+/// One hub message as frames; what would need fragmenting goes the per-watcher way.
+pub fn to_frames(m: WatchOut, max_bytes: usize) -> Vec<WatchFrame> {
+    if let WatchOut::Events {
+        watch_id,
+        delivery,
+        fragment,
+    } = &m
+    {
+        let body = shared_body(delivery);
+        // + the watch id field (at most 11 bytes), as to_pb measures the whole response.
+        if !*fragment || delivery.events.len() < 2 || body.len() + 11 < max_bytes {
+            return vec![WatchFrame::Shared {
+                watch_id: *watch_id,
+                body,
+            }];
+        }
+    }
+    to_pb(m, max_bytes)
+        .into_iter()
+        .map(WatchFrame::Single)
+        .collect()
+}
+
+/// WatchResponse's field number for `watch_id`.
+const WATCH_ID_FIELD: u32 = 2;
+
+pub struct WatchEncoder;
+
+impl Encoder for WatchEncoder {
+    type Item = WatchFrame;
+    type Error = Status;
+
+    fn encode(&mut self, item: WatchFrame, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        write_frame(item, buf)
+    }
+}
+
+fn write_frame(item: WatchFrame, buf: &mut impl BufMut) -> Result<(), Status> {
+    match item {
+        WatchFrame::Single(r) => r.encode(buf).map_err(|e| Status::internal(e.to_string())),
+        WatchFrame::Shared { watch_id, body } => {
+            // proto3 leaves a zero field out, as prost's own encoding would.
+            if watch_id != 0 {
+                prost::encoding::int64::encode(WATCH_ID_FIELD, &watch_id, buf);
+            }
+            buf.put_slice(&body);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct WatchCodec;
+
+impl Codec for WatchCodec {
+    type Encode = WatchFrame;
+    type Decode = pb::WatchRequest;
+    type Encoder = WatchEncoder;
+    type Decoder = tonic_prost::ProstDecoder<pb::WatchRequest>;
+
+    fn encoder(&mut self) -> WatchEncoder {
+        WatchEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// The `etcdserverpb.Watch` service (what tonic would generate, with `WatchCodec`).
+#[derive(Clone)]
+pub struct WatchService {
+    gateway: Gateway,
+    max_decoding_bytes: usize,
+}
+
+impl WatchService {
+    pub fn new(gateway: Gateway, max_decoding_bytes: usize) -> Self {
+        WatchService {
+            gateway,
+            max_decoding_bytes,
+        }
+    }
+}
+
+impl tonic::server::NamedService for WatchService {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+struct WatchCall(Gateway);
+
+impl tonic::server::StreamingService<pb::WatchRequest> for WatchCall {
+    type Response = WatchFrame;
+    type ResponseStream = BoxStream<WatchFrame>;
+    type Future = BoxFuture<Response<BoxStream<WatchFrame>>, Status>;
+
+    fn call(&mut self, req: Request<Streaming<pb::WatchRequest>>) -> Self::Future {
+        let gateway = self.0.clone();
+        Box::pin(async move { gateway.watch(req).await })
+    }
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for WatchService
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::convert::Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(
+        &mut self,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible> {
+        if req.uri().path() != "/etcdserverpb.Watch/Watch" {
+            return Box::pin(async {
+                Ok(Status::unimplemented("unknown method").into_http::<tonic::body::Body>())
+            });
+        }
+        let call = WatchCall(self.gateway.clone());
+        let limit = self.max_decoding_bytes;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WatchCodec)
+                .apply_max_message_size_config(Some(limit), None);
+            Ok(grpc.streaming(call, req).await)
+        })
+    }
+}
+
 /// A status as Go's grpc prints it (etcd puts this text in a refused watch's reason).
 pub(crate) fn grpc_error_text(e: &Status) -> String {
     let code = match e.code() {
@@ -158,12 +323,11 @@ impl Drop for CloseOnDrop {
     }
 }
 
-#[tonic::async_trait]
-impl Watch for Gateway {
+impl Gateway {
     async fn watch(
         &self,
         req: Request<Streaming<pb::WatchRequest>>,
-    ) -> Result<Response<BoxStream<pb::WatchResponse>>, Status> {
+    ) -> Result<Response<BoxStream<WatchFrame>>, Status> {
         let stream = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
         let mut bridge = self.shard_sender(self.pick_shard());
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -206,8 +370,86 @@ impl Watch for Gateway {
         let max_bytes = self.max_request_bytes();
         let out = rx.flat_map(move |m| {
             let _keep = &guard;
-            futures::stream::iter(to_pb(m, max_bytes).into_iter().map(Ok))
+            futures::stream::iter(to_frames(m, max_bytes).into_iter().map(Ok))
         });
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Header, KeyValue};
+
+    fn event(key: &str, rev: i64, prev: bool) -> Event {
+        let kv = |v: &str| KeyValue {
+            key: key.into(),
+            value: v.into(),
+            create_revision: 2,
+            mod_revision: rev,
+            version: rev - 1,
+            lease: 0,
+        };
+        Event {
+            kind: EventKind::Put,
+            kv: kv("new"),
+            prev_kv: prev.then(|| kv("old")),
+        }
+    }
+
+    /// A shared frame decodes, for every watch id (zero, large, negative), to exactly the
+    /// response built for that watcher alone.
+    #[test]
+    fn shared_frames_decode_as_per_watcher_responses() {
+        let header = Header {
+            cluster_id: 7,
+            member_id: 9,
+            revision: 42,
+            raft_term: 3,
+        };
+        let delivery = Delivery::new(header, vec![event("a", 41, true), event("b", 42, false)]);
+        for watch_id in [0, 1, 300, i64::MAX, -1] {
+            let out = WatchOut::Events {
+                watch_id,
+                delivery: delivery.clone(),
+                fragment: false,
+            };
+            let frames = to_frames(out.clone(), 1 << 20);
+            assert_eq!(frames.len(), 1);
+            assert!(matches!(frames[0], WatchFrame::Shared { .. }));
+            let mut wire = Vec::new();
+            for f in frames {
+                write_frame(f, &mut wire).unwrap();
+            }
+            let got = pb::WatchResponse::decode(wire.as_slice()).unwrap();
+            assert_eq!(vec![got], to_pb(out, 1 << 20), "watch id {watch_id}");
+        }
+        assert!(
+            delivery.encoded.get().is_some(),
+            "encoded once, then reused"
+        );
+    }
+
+    /// A watcher that asked for fragments still gets them from a shared delivery.
+    #[test]
+    fn fragmenting_watchers_get_fragments() {
+        let events: Vec<Event> = (0..10).map(|i| event("k", 10 + i, false)).collect();
+        let delivery = Delivery::new(Header::default(), events);
+        let out = WatchOut::Events {
+            watch_id: 5,
+            delivery,
+            fragment: true,
+        };
+        let frames = to_frames(out, 100);
+        assert!(frames.len() > 1);
+        let mut n = 0;
+        for (i, f) in frames.iter().enumerate() {
+            let WatchFrame::Single(r) = f else {
+                panic!("fragments are built per watcher");
+            };
+            assert_eq!(r.fragment, i + 1 < frames.len());
+            n += r.events.len();
+        }
+        assert_eq!(n, 10);
     }
 }
