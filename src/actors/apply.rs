@@ -104,6 +104,7 @@ impl ApplyActor {
             .and_then(|txn| crate::storage::mvcc::leases(&s.backend, &txn))
             .unwrap_or_else(|e| fatal(format!("loading leases: {e}")));
         let now = Instant::now();
+        s.tokens.set_applied(s.applied_index);
         ApplyActor {
             lessor: Lessor::new(stored, now),
             watching: s.watching,
@@ -247,6 +248,7 @@ impl ApplyActor {
         }
         self.applied_index = index;
         self.applied_term = term;
+        self.tokens.set_applied(index);
         self.last_checkpoint = index;
         let txn = self.backend.read_txn().map_err(|e| e.to_string())?;
         let rev_after = crate::storage::mvcc::current_revision(&self.backend, &txn)
@@ -371,6 +373,7 @@ impl ApplyActor {
         }
         self.applied_index = last.0;
         self.applied_term = last.1;
+        self.tokens.set_applied(last.0);
         let now = Instant::now();
         for c in lease_changes {
             self.lessor.apply(c, now);

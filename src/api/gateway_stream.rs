@@ -428,7 +428,7 @@ async fn watch(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Res
         Ok(s) => s,
         Err(e) => return error(e),
     };
-    let who = match g.caller(&authed(&headers, ())) {
+    let who = match g.caller(&authed(&headers, ())).await {
         Ok(w) => w,
         Err(e) => return error(e),
     };

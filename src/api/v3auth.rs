@@ -19,21 +19,33 @@ const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
 impl Gateway {
     /// Who sent `req`: the user its token names (with the auth revision of this check), or
     /// an empty user when it has none. A token that is not (or no longer) valid is refused.
-    pub(crate) fn caller<T>(&self, req: &Request<T>) -> Result<AuthUser, Status> {
+    /// (The future owns what it needs, so it is Send whatever the request holds.)
+    pub(crate) fn caller<T>(
+        &self,
+        req: &Request<T>,
+    ) -> impl std::future::Future<Output = Result<AuthUser, Status>> + Send + 'static {
         let token = TOKEN_KEYS
             .iter()
             .find_map(|k| req.metadata().get(*k))
-            .and_then(|v| v.to_str().ok());
-        let Some(token) = token else {
-            return Ok(AuthUser::default());
-        };
-        let name = self
-            .tokens()
-            .user(token)
-            .ok_or_else(|| super::v3rpc::to_status(KvError::InvalidAuthToken))?;
-        let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
-        let revision = store::revision(&b, &txn).map_err(super::v3rpc::to_status)?;
-        Ok(AuthUser { name, revision })
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let gateway = token.as_ref().map(|_| self.clone());
+        async move {
+            let (Some(token), Some(g)) = (token, gateway) else {
+                return Ok(AuthUser::default());
+            };
+            let name = match g.tokens().user(&token) {
+                Some(name) => name,
+                None => g
+                    .tokens()
+                    .user_when_applied(&token)
+                    .await
+                    .ok_or_else(|| super::v3rpc::to_status(KvError::InvalidAuthToken))?,
+            };
+            let (b, txn) = g.backend().read().map_err(super::v3rpc::to_status)?;
+            let revision = store::revision(&b, &txn).map_err(super::v3rpc::to_status)?;
+            Ok(AuthUser { name, revision })
+        }
     }
 
     /// May `who` do `need` on `[key, range_end)` (checked before serving; etcd's
@@ -100,7 +112,7 @@ impl Gateway {
         req: &Request<T>,
         a: AuthRequest,
     ) -> Result<(pb::ResponseHeader, AuthResponse), Status> {
-        let who = self.caller(req)?;
+        let who = self.caller(req).await?;
         self.auth_write_as(Some(who), a).await
     }
 
@@ -253,7 +265,7 @@ impl Auth for Gateway {
         &self,
         req: Request<pb::AuthUserAddRequest>,
     ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let r = req.into_inner();
         if r.name.is_empty() {
             return Err(super::v3rpc::to_status(KvError::UserEmpty));
@@ -310,7 +322,7 @@ impl Auth for Gateway {
         &self,
         req: Request<pb::AuthUserChangePasswordRequest>,
     ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         // Refuse before spending a bcrypt round on a caller who may not do this.
         self.check_admin(&who)?;
         let r = req.into_inner();

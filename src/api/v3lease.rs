@@ -50,7 +50,7 @@ impl Lease for Gateway {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let id = req.into_inner().id;
         let h = self
             .call(|tx| BridgeRequest::LeaseRevoke(id, Some(who), tx))

@@ -39,7 +39,7 @@ impl Lock for Gateway {
         &self,
         req: Request<lpb::LockRequest>,
     ) -> Result<Response<lpb::LockResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let r = req.into_inner();
         self.check_recipe(&who, &r.name, true)?;
         let (h, key) = self
@@ -55,7 +55,7 @@ impl Lock for Gateway {
         &self,
         req: Request<lpb::UnlockRequest>,
     ) -> Result<Response<lpb::UnlockResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let key = req.into_inner().key;
         self.check_range(&who, &key, &[], PermType::Write)?;
         let h = self.call(|tx| BridgeRequest::Unlock(key, tx)).await?;
@@ -69,7 +69,7 @@ impl Election for Gateway {
         &self,
         req: Request<epb::CampaignRequest>,
     ) -> Result<Response<epb::CampaignResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let r = req.into_inner();
         self.check_recipe(&who, &r.name, true)?;
         let (h, leader) = self
@@ -85,7 +85,7 @@ impl Election for Gateway {
         &self,
         req: Request<epb::ProclaimRequest>,
     ) -> Result<Response<epb::ProclaimResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let r = req.into_inner();
         let leader = leader_from_pb(r.leader)?;
         self.check_range(&who, &leader.key, &[], PermType::Write)?;
@@ -99,7 +99,7 @@ impl Election for Gateway {
         &self,
         req: Request<epb::LeaderRequest>,
     ) -> Result<Response<epb::LeaderResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let name = req.into_inner().name;
         self.check_recipe(&who, &name, false)?;
         let (h, kv) = self.call(|tx| BridgeRequest::Leader(name, tx)).await?;
@@ -113,7 +113,7 @@ impl Election for Gateway {
         &self,
         req: Request<epb::LeaderRequest>,
     ) -> Result<Response<BoxStream<epb::LeaderResponse>>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let name = req.into_inner().name;
         self.check_recipe(&who, &name, false)?;
         let (tx, rx) = oneshot::channel();
@@ -138,7 +138,7 @@ impl Election for Gateway {
         &self,
         req: Request<epb::ResignRequest>,
     ) -> Result<Response<epb::ResignResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let leader = leader_from_pb(req.into_inner().leader)?;
         self.check_range(&who, &leader.key, &[], PermType::Write)?;
         let h = self.call(|tx| BridgeRequest::Resign(leader, tx)).await?;

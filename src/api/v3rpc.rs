@@ -378,7 +378,7 @@ impl Kv for Gateway {
         &self,
         req: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let r = range_from_pb(req.into_inner());
         self.check_range(&who, &r.key, &r.range_end, PermType::Read)?;
         let (h, resp) = self.call(|tx| BridgeRequest::Range(r, tx)).await?;
@@ -393,7 +393,7 @@ impl Kv for Gateway {
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         match self
             .write_as(WriteRequest::Put(put_from_pb(req.into_inner())), Some(who))
             .await?
@@ -407,7 +407,7 @@ impl Kv for Gateway {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         match self
             .write_as(
                 WriteRequest::DeleteRange(delete_from_pb(req.into_inner())),
@@ -421,7 +421,7 @@ impl Kv for Gateway {
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let t = txn_from_pb(req.into_inner(), 0)?;
         match self.write_as(WriteRequest::Txn(t), Some(who)).await? {
             (h, WriteResponse::Txn(t)) => Ok(Response::new(txn_to_pb(&h, t))),
@@ -433,7 +433,7 @@ impl Kv for Gateway {
         &self,
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let c = req.into_inner();
         let req = WriteRequest::Compact(CompactionRequest {
             revision: c.revision,
@@ -515,7 +515,7 @@ impl Maintenance for Gateway {
         &self,
         req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        self.check_maintenance_admin(&self.caller(&req)?)?;
+        self.check_maintenance_admin(&self.caller(&req).await?)?;
         self.call(BridgeRequest::Defragment).await?;
         // etcd 3.4 answers an empty message (no header).
         Ok(Response::new(pb::DefragmentResponse { header: None }))
@@ -525,7 +525,7 @@ impl Maintenance for Gateway {
         &self,
         req: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
-        self.check_maintenance_admin(&self.caller(&req)?)?;
+        self.check_maintenance_admin(&self.caller(&req).await?)?;
         let (h, hash) = self.call(BridgeRequest::Hash).await?;
         Ok(Response::new(pb::HashResponse {
             header: header(&h),
@@ -537,7 +537,7 @@ impl Maintenance for Gateway {
         &self,
         req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
-        self.check_maintenance_admin(&self.caller(&req)?)?;
+        self.check_maintenance_admin(&self.caller(&req).await?)?;
         let rev = req.into_inner().revision;
         let (h, kh) = self.call(|tx| BridgeRequest::HashKv(rev, tx)).await?;
         Ok(Response::new(pb::HashKvResponse {
@@ -555,7 +555,7 @@ impl Maintenance for Gateway {
         &self,
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<BoxStream<pb::SnapshotResponse>>, Status> {
-        self.check_maintenance_admin(&self.caller(&req)?)?;
+        self.check_maintenance_admin(&self.caller(&req).await?)?;
         let (_, path) = self.call(BridgeRequest::Snapshot).await?;
         let copy = SnapshotCopy(path);
         let file = tokio::fs::File::open(&copy.0)
@@ -641,7 +641,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        self.check_admin(&self.caller(&req)?)?;
+        self.check_admin(&self.caller(&req).await?)?;
         let r = req.into_inner();
         let (h, m, list) = self
             .call(|tx| BridgeRequest::MemberAdd(r.peer_ur_ls, r.is_learner, tx))
@@ -657,7 +657,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        self.check_admin(&self.caller(&req)?)?;
+        self.check_admin(&self.caller(&req).await?)?;
         let id = req.into_inner().id;
         let (h, list) = self.call(|tx| BridgeRequest::MemberRemove(id, tx)).await?;
         Ok(Response::new(pb::MemberRemoveResponse {
@@ -670,7 +670,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        self.check_admin(&self.caller(&req)?)?;
+        self.check_admin(&self.caller(&req).await?)?;
         let r = req.into_inner();
         let (h, list) = self
             .call(|tx| BridgeRequest::MemberUpdate(r.id, r.peer_ur_ls, tx))
@@ -696,7 +696,7 @@ impl Cluster for Gateway {
         &self,
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        self.check_admin(&self.caller(&req)?)?;
+        self.check_admin(&self.caller(&req).await?)?;
         let id = req.into_inner().id;
         let (h, list) = self.call(|tx| BridgeRequest::MemberPromote(id, tx)).await?;
         Ok(Response::new(pb::MemberPromoteResponse {

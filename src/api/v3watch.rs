@@ -335,7 +335,7 @@ impl Gateway {
             .send(BridgeRequest::Watch(stream, WatchCmd::Open(tx)))
             .await
             .map_err(|_| to_status(KvError::Stopped))?;
-        let who = self.caller(&req)?;
+        let who = self.caller(&req).await?;
         let gateway = self.clone();
         let mut inbound = req.into_inner();
         let mut forward = bridge.clone();

@@ -376,6 +376,12 @@ pub fn apply(
 
 /// Tokens held per member; the oldest are dropped beyond this (bounded memory).
 const MAX_TOKENS: usize = 100_000;
+/// How long a request waits for the entry that issued its token to be applied here (a
+/// token taken from another member a moment ago); then the token is invalid.
+const MAX_TOKEN_WAIT: Duration = Duration::from_secs(2);
+/// Re-check interval while waiting: a token ended before it was applied here is never
+/// issued, and the applied index then says so.
+const TOKEN_RECHECK: Duration = Duration::from_millis(50);
 
 /// Simple tokens of this member (etcd's `simpleTokenTTLKeeper`): issued when an
 /// Authenticate entry is applied, so every member knows each token; dropped on auth
@@ -390,6 +396,11 @@ pub struct Tokens {
     /// etcd keeps its flag in memory); set at start and after every applied enable or
     /// disable. Writes are judged again against the store when applied.
     enabled: AtomicBool,
+    /// The raft index this member has applied up to (a token names the index of the
+    /// entry that issued it).
+    applied_index: AtomicU64,
+    /// Woken whenever a token is issued.
+    issued: tokio::sync::Notify,
 }
 
 struct Token {
@@ -406,6 +417,36 @@ impl Tokens {
             ttl,
             table: RwLock::new(HashMap::new()),
             enabled: AtomicBool::new(false),
+            applied_index: AtomicU64::new(0),
+            issued: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Called by the apply actor after each batch (so after the tokens it issued).
+    pub fn set_applied(&self, index: u64) {
+        self.applied_index.fetch_max(index, Ordering::Release);
+    }
+
+    /// The user a live token names, as `user`, except that a token whose issuing entry
+    /// this member has not applied yet is waited for (bounded by MAX_TOKEN_WAIT): tokens
+    /// are issued through raft, so one from any member works on every member.
+    pub async fn user_when_applied(&self, token: &str) -> Option<String> {
+        let issued_at: u64 = token.rsplit_once('.')?.1.parse().ok()?;
+        let deadline = tokio::time::Instant::now() + MAX_TOKEN_WAIT;
+        // Bounded by the deadline.
+        loop {
+            let notified = self.issued.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(user) = self.user(token) {
+                return Some(user);
+            }
+            let now = tokio::time::Instant::now();
+            if self.applied_index.load(Ordering::Acquire) >= issued_at || now >= deadline {
+                return None;
+            }
+            let wait = TOKEN_RECHECK.min(deadline - now);
+            let _ = tokio::time::timeout(wait, notified).await;
         }
     }
 
@@ -428,6 +469,8 @@ impl Tokens {
         } else {
             tracing::warn!("{MAX_TOKENS} live auth tokens: a new one is not kept");
         }
+        drop(table);
+        self.issued.notify_waiters();
     }
 
     /// The user a live token names, renewing it.
@@ -501,6 +544,34 @@ mod tests {
             key: key.as_bytes().to_vec(),
             range_end: end.as_bytes().to_vec(),
         }
+    }
+
+    /// A token issued by an entry not yet applied here is waited for; one whose entry was
+    /// applied without issuing it, or with no index, is refused at once.
+    #[tokio::test]
+    async fn tokens_from_other_members_wait_for_their_entry() {
+        let tokens = std::sync::Arc::new(Tokens::new(Duration::from_secs(300)));
+        tokens.set_applied(10);
+        let start = Instant::now();
+        assert_eq!(tokens.user_when_applied("abc.9").await, None);
+        assert_eq!(tokens.user_when_applied("garbage").await, None);
+        assert!(start.elapsed() < TOKEN_RECHECK, "refused without waiting");
+
+        let applier = tokens.clone();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            applier.issue("xyz.12".into(), "alice".into());
+            applier.set_applied(12);
+        });
+        let start = Instant::now();
+        assert_eq!(
+            tokens.user_when_applied("xyz.12").await.as_deref(),
+            Some("alice")
+        );
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        later.await.unwrap();
+        // Applied past its index and never issued (ended before it got here): refused.
+        assert_eq!(tokens.user_when_applied("nope.11").await, None);
     }
 
     #[test]
