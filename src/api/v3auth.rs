@@ -5,6 +5,7 @@
 //! applied, admin-only calls refused unless the user holds the root role.
 
 use super::v3rpc::{header, Gateway};
+use crate::actors::bridge::BridgeRequest;
 use crate::error::KvError;
 use crate::etcdpb::authpb;
 use crate::etcdpb::etcdserverpb as pb;
@@ -127,6 +128,18 @@ impl Gateway {
         }
     }
 
+    /// Waits until this member has applied what the leader had committed when called (a
+    /// linearizable read of one key, counted only).
+    async fn read_barrier(&self) -> Result<(), Status> {
+        let probe = RangeRequest {
+            key: vec![0],
+            count_only: true,
+            ..Default::default()
+        };
+        self.call(|tx| BridgeRequest::Range(probe, tx)).await?;
+        Ok(())
+    }
+
     fn auth_enabled(&self) -> Result<bool, Status> {
         let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
         store::enabled(&b, &txn).map_err(super::v3rpc::to_status)
@@ -228,6 +241,10 @@ impl Auth for Gateway {
         req: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let r = req.into_inner();
+        // As etcd (linearizableReadNotify): this member first applies everything committed
+        // before the request, so an enable or user add just made through another member
+        // is seen here.
+        self.read_barrier().await?;
         if !self.auth_enabled()? {
             return Err(super::v3rpc::to_status(KvError::AuthNotEnabled));
         }
