@@ -116,7 +116,10 @@ struct WatchSeen {
 }
 
 /// Protobuf wire walking: each field of `b` as (number, varint value or payload).
-fn for_each_field(mut b: &[u8], mut f: impl FnMut(u64, u64, &[u8])) -> Result<(), String> {
+fn for_each_field(
+    mut b: &[u8],
+    mut f: impl FnMut(u64, u64, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     let decode_varint =
         |b: &mut &[u8]| prost::encoding::decode_varint(b).map_err(|e| e.to_string());
     // Bounded: every step consumes at least the key byte.
@@ -126,7 +129,7 @@ fn for_each_field(mut b: &[u8], mut f: impl FnMut(u64, u64, &[u8])) -> Result<()
         match wire {
             0 => {
                 let v = decode_varint(&mut b)?;
-                f(field, v, &[]);
+                f(field, v, &[])?;
             }
             1 | 5 => {
                 let n = if wire == 1 { 8 } else { 4 };
@@ -137,7 +140,7 @@ fn for_each_field(mut b: &[u8], mut f: impl FnMut(u64, u64, &[u8])) -> Result<()
                 let payload = b
                     .get(..len)
                     .ok_or_else(|| "short length-delimited field".to_string())?;
-                f(field, 0, payload);
+                f(field, 0, payload)?;
                 b = &b[len..];
             }
             _ => return Err(format!("unexpected wire type {wire}")),
@@ -154,28 +157,27 @@ const KV_VALUE: u64 = 5;
 
 fn parse_watch(b: &[u8]) -> Result<WatchSeen, String> {
     let mut seen = WatchSeen::default();
-    let mut err = None;
-    for_each_field(b, |field, v, payload| match field {
-        CREATED => seen.created = v != 0,
-        EVENTS => {
-            seen.events += 1;
-            let r = for_each_field(payload, |f, _, kv| {
-                if f != EVENT_KV {
-                    return;
-                }
-                let r = for_each_field(kv, |f, _, value| {
-                    if let (KV_VALUE, Some(b)) = (f, value.get(..8)) {
-                        let stamp: [u8; 8] = b.try_into().unwrap_or_default();
-                        seen.stamps.push(u64::from_be_bytes(stamp));
-                    }
-                });
-                err = err.take().or(r.err());
-            });
-            err = err.take().or(r.err());
+    for_each_field(b, |field, v, event| {
+        match field {
+            CREATED => seen.created = v != 0,
+            EVENTS => {
+                seen.events += 1;
+                for_each_field(event, |f, _, kv| match f {
+                    EVENT_KV => for_each_field(kv, |f, _, value| {
+                        if let (KV_VALUE, Some(b)) = (f, value.get(..8)) {
+                            let stamp: [u8; 8] = b.try_into().unwrap_or_default();
+                            seen.stamps.push(u64::from_be_bytes(stamp));
+                        }
+                        Ok(())
+                    }),
+                    _ => Ok(()),
+                })?;
+            }
+            _ => {}
         }
-        _ => {}
+        Ok(())
     })?;
-    err.map_or(Ok(seen), Err)
+    Ok(seen)
 }
 
 struct WatchSeenDecoder;
