@@ -94,9 +94,15 @@ impl RaftActor {
         transport: Transport,
         snapshot_tx: futures::channel::mpsc::Sender<RaftInput>,
     ) -> Result<RaftActor, ::raft::Error> {
+        let election_tick = (setup.election_ms / setup.heartbeat_ms).max(2) as usize;
         let cfg = Config {
             id: setup.id,
-            election_tick: (setup.election_ms / setup.heartbeat_ms).max(2) as usize,
+            election_tick,
+            // raft-rs (and etcd) randomise a follower's timeout in [ET, 2 ET), so with
+            // the vote rounds a failover can take just over 2 ET. [ET, 1.5 ET) keeps it
+            // inside 2 ET; half an election timeout still separates candidates by far
+            // more than a round trip.
+            max_election_tick: election_tick + election_tick / 2,
             heartbeat_tick: 1,
             applied: setup.applied,
             max_size_per_msg: 1 << 20,
@@ -148,10 +154,27 @@ impl RaftActor {
         })
     }
 
+    /// One tick per `heartbeat_ms` of wall-clock time. Deadlines advance by a fixed
+    /// period, so a busy actor (each turn awaits a WAL fsync) does not stretch the
+    /// election timeout; after a stall longer than a period the missed ticks are
+    /// dropped (as Go's time.Ticker, which etcd uses) rather than fired in a burst.
     pub fn ticker(heartbeat_ms: u64) -> BoxStream<RaftInput> {
-        Box::pin(futures::stream::unfold((), move |_| async move {
-            glommio::timer::sleep(Duration::from_millis(heartbeat_ms)).await;
-            Some((RaftInput::Tick, ()))
+        assert!(heartbeat_ms > 0, "heartbeat interval must be positive");
+        let period = Duration::from_millis(heartbeat_ms);
+        let first = std::time::Instant::now() + period;
+        Box::pin(futures::stream::unfold(first, move |deadline| async move {
+            let now = std::time::Instant::now();
+            if deadline > now {
+                glommio::timer::sleep(deadline - now).await;
+            }
+            let now = std::time::Instant::now();
+            let next = if now >= deadline + period {
+                now + period
+            } else {
+                deadline + period
+            };
+            debug_assert!(next > deadline);
+            Some((RaftInput::Tick, next))
         }))
     }
 
