@@ -53,7 +53,11 @@ impl Backend {
         let env = unsafe {
             let mut opts = EnvOpenOptions::new().read_txn_without_tls();
             opts.map_size(map_size_bytes).max_dbs(8).max_readers(1024);
-            opts.flags(EnvFlags::NO_SYNC);
+            // WRITE_MAP: a commit leaves its dirty pages in the shared mapping instead of
+            // copying each one out with pwrite (A/B, 3 members, 1000 clients: 5 µs less
+            // server CPU per put, about 9%). LMDB then sizes the file to the map (sparse),
+            // so sizes below come from its page counts, not the file's length.
+            opts.flags(EnvFlags::NO_SYNC | EnvFlags::WRITE_MAP);
             opts.open(dir)?
         };
         let mut wtxn = env.write_txn()?;
@@ -90,9 +94,10 @@ impl Backend {
         (info.last_page_number as u64 + 1) * page_size::get_or_4k() as u64
     }
 
-    /// Size of the data file on disk.
+    /// What etcd calls the db size: the data file up to its last page. (With WRITE_MAP
+    /// the file's length is the map size, a sparse reservation, so it is not used.)
     pub fn file_size_bytes(&self) -> u64 {
-        self.env.real_disk_size().unwrap_or(0)
+        self.size_in_use_bytes()
     }
 
     /// Makes every committed txn durable (LMDB runs with NO_SYNC between checkpoints).
@@ -255,11 +260,13 @@ pub fn remove_defrag_leftovers(member_dir: &Path) {
 /// file size before and after.
 pub fn defragment_offline(db_dir: &Path) -> Result<(u64, u64), KvError> {
     let data = db_dir.join("data.mdb");
-    let before = std::fs::metadata(&data)
+    let length = std::fs::metadata(&data)
         .map_err(|e| KvError::Client(format!("{}: {e}", data.display())))?
         .len();
-    let map_size_bytes = (before as usize).max(1 << 20) + (1 << 20);
+    // The length is at least the pages in use (with WRITE_MAP it is the old map size).
+    let map_size_bytes = (length as usize).max(1 << 20);
     let current = Backend::open(db_dir, map_size_bytes)?;
+    let before = current.file_size_bytes();
     let scratch = db_dir.with_file_name("db.defrag-offline");
     let fresh = defragment_online(&current, db_dir, &scratch)?;
     let after = fresh.file_size_bytes();
