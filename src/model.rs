@@ -5,10 +5,12 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub create_revision: i64,
     pub mod_revision: i64,
     pub version: i64,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub lease: i64,
 }
@@ -41,7 +43,9 @@ pub enum SortTarget {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     pub limit: i64,
     pub revision: i64,
@@ -65,7 +69,9 @@ pub struct RangeResponse {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub lease: i64,
     pub prev_kv: bool,
@@ -80,7 +86,9 @@ pub struct PutResponse {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteRangeRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     pub prev_kv: bool,
 }
@@ -104,13 +112,15 @@ pub enum CompareTarget {
     Version(i64),
     Create(i64),
     Mod(i64),
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     Lease(i64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     pub target: CompareTarget,
     pub result: CompareResult,
@@ -201,7 +211,9 @@ pub enum PermType {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Permission {
     pub perm_type: PermType,
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
 }
 
@@ -256,7 +268,9 @@ pub enum AuthRequest {
     },
     RoleRevokePermission {
         name: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         range_end: Vec<u8>,
     },
 }
@@ -338,7 +352,9 @@ pub struct LeaseTimeToLive {
 /// An election leader's identity, as etcd's `LeaderKey`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderKey {
+    #[serde(with = "serde_bytes")]
     pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub rev: i64,
     pub lease: i64,
@@ -435,4 +451,55 @@ fn txn_has_put(t: &TxnRequest) -> bool {
         RequestOp::Txn(inner) => txn_has_put(inner),
         _ => false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PutRequest as corekv wrote it before its byte fields were `serde_bytes`: WAL
+    /// records and LMDB values written then must read back the same, and new ones must
+    /// be byte for byte what the old code wrote.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct PlainPut {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+        prev_kv: bool,
+        ignore_value: bool,
+        ignore_lease: bool,
+    }
+
+    #[test]
+    fn byte_fields_keep_postcards_sequence_encoding() {
+        let sizes = [0usize, 1, 127, 128, 300, 70_000];
+        for (i, &n) in sizes.iter().enumerate() {
+            let key: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
+            let value: Vec<u8> = (0..n * 2).map(|b| (b ^ i) as u8).collect();
+            let new = PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                lease: -5,
+                prev_kv: true,
+                ignore_value: false,
+                ignore_lease: true,
+            };
+            let old = PlainPut {
+                key,
+                value,
+                lease: -5,
+                prev_kv: true,
+                ignore_value: false,
+                ignore_lease: true,
+            };
+            let new_bytes = postcard::to_allocvec(&new).expect("encode");
+            let old_bytes = postcard::to_allocvec(&old).expect("encode");
+            assert_eq!(new_bytes, old_bytes, "key of {n} bytes");
+            let back: PutRequest = postcard::from_bytes(&old_bytes).expect("decode");
+            assert_eq!(back, new);
+        }
+        let cmp = CompareTarget::Value(b"v\x00\xff".to_vec());
+        let plain = postcard::to_allocvec(&(3u32, b"v\x00\xff".to_vec())).expect("encode");
+        assert_eq!(postcard::to_allocvec(&cmp).expect("encode"), plain);
+    }
 }

@@ -47,7 +47,9 @@ impl Rev {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
+    #[serde(with = "serde_bytes")]
     key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     value: Vec<u8>,
     create_revision: i64,
     version: i64,
