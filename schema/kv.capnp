@@ -266,4 +266,8 @@ interface Kv {
   hashKv @26 (revision :Int64) -> (header :ResponseHeader, hash :UInt32, compactRevision :Int64);
   # Online defragmentation of this member's store (etcd's Maintenance.Defragment).
   defragment @27 () -> (header :ResponseHeader);
+  # Logs in (etcd's Authenticate): `kv` acts as the user for as long as `token` lives
+  # (tokens are issued through raft, so the token is good on every member). The bootstrap
+  # capability is a caller without a user.
+  authenticate @28 (name :Text, password :Text) -> (kv :Kv, token :Text);
 }

@@ -12,8 +12,27 @@ pub struct Client {
     kv: kv::Client,
 }
 
+/// The user and password the CLI was given (`--user`, `--password`): every connection
+/// this process makes logs in with them. Servers never set them.
+static CREDENTIALS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// Sets the credentials every later `connect` logs in with (once per process).
+pub fn set_credentials(user: String, password: String) {
+    assert!(!user.is_empty(), "a login needs a user name");
+    let _ = CREDENTIALS.set((user, password));
+}
+
 fn from_capnp(e: capnp::Error) -> KvError {
     KvError::from_message(&e.extra)
+}
+
+/// etcd's Authenticate on the native port: a capability that acts as `user`.
+async fn login(kv: &kv::Client, user: &str, password: &str) -> Result<kv::Client, KvError> {
+    let mut req = kv.authenticate_request();
+    req.get().set_name(user);
+    req.get().set_password(password);
+    let resp = req.send().promise.await.map_err(from_capnp)?;
+    resp.get().and_then(|r| r.get_kv()).map_err(from_capnp)
 }
 
 impl Client {
@@ -40,6 +59,10 @@ impl Client {
                         let _ = rpc.await;
                     })
                     .detach();
+                    let kv = match CREDENTIALS.get() {
+                        Some((user, password)) => login(&kv, user, password).await?,
+                        None => kv,
+                    };
                     return Ok(Client { kv });
                 }
                 Err(e) => last_err = format!("dial {addr}: {e}"),

@@ -31,8 +31,45 @@ struct Cli {
         default_value = "simple"
     )]
     write_out: Format,
+    /// Username[:password] for authentication (as etcdctl's --user).
+    #[arg(long, global = true, env = "COREKV_USER")]
+    user: Option<String>,
+    /// Password for authentication (then --user holds only the name).
+    #[arg(long, global = true, env = "COREKV_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// etcdctl's rules: `--user name:password`, or `--user name --password pw`.
+fn credentials(
+    user: Option<String>,
+    password: Option<String>,
+) -> Result<Option<(String, String)>, KvError> {
+    let Some(user) = user else {
+        return match password {
+            Some(_) => Err(KvError::Client("--password needs --user".into())),
+            None => Ok(None),
+        };
+    };
+    let (name, password) = match (user.split_once(':'), password) {
+        (Some(_), Some(_)) => {
+            return Err(KvError::Client(
+                "--user holds a password and --password is given: use one".into(),
+            ))
+        }
+        (Some((name, pw)), None) => (name.to_string(), pw.to_string()),
+        (None, Some(pw)) => (user, pw),
+        (None, None) => {
+            return Err(KvError::Client(
+                "no password: give --user name:password or --password".into(),
+            ))
+        }
+    };
+    if name.is_empty() {
+        return Err(KvError::Client("--user: empty user name".into()));
+    }
+    Ok(Some((name, password)))
 }
 
 #[derive(Subcommand)]
@@ -184,6 +221,18 @@ fn main() {
     let cli = Cli::parse();
     let endpoints = cli.endpoints.clone();
     let format = cli.write_out;
+    // Client verbs only: a server's own connections (forwarding to the leader) never
+    // act as a user, whatever the environment holds.
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        match credentials(cli.user.clone(), cli.password.clone()) {
+            Ok(Some((user, password))) => corekv::client::set_credentials(user, password),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("Error: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let result: Result<String, KvError> = match cli.cmd {
         Cmd::Serve(cfg) => {
             init_logging(&cfg.log_level);

@@ -868,7 +868,7 @@ fn auth_session_matches_real_etcd() {
     for (args, stdin) in auth_steps() {
         if args == ["put", "k", "v"] && !restarted {
             // Auth is on: users, roles and the flag must survive a crash, and the native
-            // port (no login yet) must refuse rather than bypass the checks.
+            // port must refuse a caller without a user rather than bypass the checks.
             corekv.kill9();
             corekv.restart();
             restarted = true;

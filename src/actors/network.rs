@@ -6,7 +6,7 @@
 use super::recipes::InternalWatch;
 use super::watch::{StreamId, WatchHub, WatchOut, WatchSpec};
 use super::*;
-use crate::api::{native, validate};
+use crate::api::{native, native_auth, validate};
 use crate::kv_capnp::kv;
 use crate::model::*;
 use crate::storage::backend::{Backend, Store};
@@ -53,8 +53,8 @@ pub struct NetSettings {
 pub struct Shard {
     shard: usize,
     pub(super) epoch: u64,
-    pub(super) backend: Store,
-    pub(super) settings: NetSettings,
+    pub(crate) backend: Store,
+    pub(crate) settings: NetSettings,
     to_raft: ConnectedSender<ToRaft>,
     to_apply: ConnectedSender<ToLessor>,
     pending: RefCell<HashMap<ReqId, oneshot::Sender<Reply>>>,
@@ -587,26 +587,46 @@ fn to_capnp(e: KvError) -> capnp::Error {
 struct KvService {
     shard: Rc<Shard>,
     permits: Rc<glommio::sync::Semaphore>,
+    /// The token of a capability `authenticate` handed out; None for the bootstrap one
+    /// (a caller without a user).
+    token: Option<Rc<str>>,
 }
 
 impl KvService {
-    async fn permit(&self) -> Result<glommio::sync::Permit<'_>, capnp::Error> {
-        self.refuse_if_auth()?;
-        self.permits
+    /// Who is calling (see api::native_auth).
+    async fn who(&self) -> Result<AuthUser, capnp::Error> {
+        native_auth::caller(&self.shard, self.token.as_deref())
+            .await
+            .map_err(to_capnp)
+    }
+
+    /// A slot among the connection's in-flight calls, and who is calling.
+    async fn permit(&self) -> Result<(glommio::sync::Permit<'_>, AuthUser), capnp::Error> {
+        let who = self.who().await?;
+        let permit = self
+            .permits
             .acquire_permit(1)
             .await
-            .map_err(|e| capnp::Error::failed(format!("etcdserver: {e}")))
+            .map_err(|e| capnp::Error::failed(format!("etcdserver: {e}")))?;
+        Ok((permit, who))
     }
-}
 
-impl KvService {
-    /// The native protocol has no login yet: with auth enabled it serves nobody, answering
-    /// as etcd does a request without a user (rather than bypass the auth store).
-    fn refuse_if_auth(&self) -> Result<(), capnp::Error> {
-        if self.shard.settings.tokens.auth_enabled() {
-            return Err(to_capnp(KvError::UserEmpty));
-        }
-        Ok(())
+    fn check_range(
+        &self,
+        who: &AuthUser,
+        key: &[u8],
+        range_end: &[u8],
+        need: PermType,
+    ) -> Result<(), capnp::Error> {
+        native_auth::check_range(&self.shard, who, key, range_end, need).map_err(to_capnp)
+    }
+
+    fn check_admin(&self, who: &AuthUser) -> Result<(), capnp::Error> {
+        native_auth::check_admin(&self.shard, who).map_err(to_capnp)
+    }
+
+    fn check_recipe(&self, who: &AuthUser, name: &[u8], write: bool) -> Result<(), capnp::Error> {
+        native_auth::check_recipe(&self.shard, who, name, write).map_err(to_capnp)
     }
 }
 
@@ -616,8 +636,9 @@ impl kv::Server for KvService {
         params: kv::RangeParams,
         mut results: kv::RangeResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let req = native::read_range_req(params.get()?.get_req()?)?;
+        self.check_range(&who, &req.key, &req.range_end, PermType::Read)?;
         let (h, resp) = self.shard.range(req).await.map_err(to_capnp)?;
         native::write_range_resp(results.get().init_resp(), &h, &resp);
         Ok(())
@@ -628,12 +649,12 @@ impl kv::Server for KvService {
         params: kv::PutParams,
         mut results: kv::PutResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let req = native::read_put_req(params.get()?.get_req()?)?;
         tracing::trace!(key = ?String::from_utf8_lossy(&req.key), "put in");
         match self
             .shard
-            .write(WriteRequest::Put(req))
+            .write_as(WriteRequest::Put(req), Some(who))
             .await
             .map_err(to_capnp)?
         {
@@ -649,11 +670,11 @@ impl kv::Server for KvService {
         params: kv::DeleteRangeParams,
         mut results: kv::DeleteRangeResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let req = native::read_delete_req(params.get()?.get_req()?)?;
         match self
             .shard
-            .write(WriteRequest::DeleteRange(req))
+            .write_as(WriteRequest::DeleteRange(req), Some(who))
             .await
             .map_err(to_capnp)?
         {
@@ -670,13 +691,13 @@ impl kv::Server for KvService {
         params: kv::TxnParams,
         mut results: kv::TxnResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let req = native::read_txn_req(params.get()?.get_req()?)?;
         // Every txn, read-only ones too, is ordered through raft (etcd serves read-only
         // txns via ReadIndex; doing so here is a later optimisation).
         match self
             .shard
-            .write(WriteRequest::Txn(req))
+            .write_as(WriteRequest::Txn(req), Some(who))
             .await
             .map_err(to_capnp)?
         {
@@ -691,7 +712,7 @@ impl kv::Server for KvService {
         params: kv::CompactParams,
         mut results: kv::CompactResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let r = params.get()?.get_req()?;
         let req = CompactionRequest {
             revision: r.get_revision(),
@@ -699,7 +720,7 @@ impl kv::Server for KvService {
         };
         let (h, _) = self
             .shard
-            .write(WriteRequest::Compact(req))
+            .write_as(WriteRequest::Compact(req), Some(who))
             .await
             .map_err(to_capnp)?;
         native::write_header(results.get().init_resp().init_header(), &h);
@@ -711,7 +732,8 @@ impl kv::Server for KvService {
         params: kv::AlarmParams,
         mut results: kv::AlarmResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        // No permission needed (etcd 3.4 serves alarms to a caller without a user).
+        let (_p, _who) = self.permit().await?;
         let req = native::read_alarm_req(params.get()?.get_req()?)?;
         let (h, alarms) = self.shard.alarm(req).await.map_err(to_capnp)?;
         native::write_alarm_resp(results.get().init_resp(), &h, &alarms);
@@ -723,7 +745,7 @@ impl kv::Server for KvService {
         params: kv::LeaseGrantParams,
         mut results: kv::LeaseGrantResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, _who) = self.permit().await?;
         let p = params.get()?;
         let (h, id, ttl) = self
             .shard
@@ -742,9 +764,13 @@ impl kv::Server for KvService {
         params: kv::LeaseRevokeParams,
         mut results: kv::LeaseRevokeResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let id = params.get()?.get_id();
-        let h = self.shard.lease_revoke(id).await.map_err(to_capnp)?;
+        let h = self
+            .shard
+            .lease_revoke_as(id, Some(who))
+            .await
+            .map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
         Ok(())
     }
@@ -754,7 +780,7 @@ impl kv::Server for KvService {
         params: kv::LeaseKeepAliveParams,
         mut results: kv::LeaseKeepAliveResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, _who) = self.permit().await?;
         let id = params.get()?.get_id();
         let (h, ttl) = self.shard.lease_keepalive(id).await.map_err(to_capnp)?;
         let mut r = results.get();
@@ -768,7 +794,7 @@ impl kv::Server for KvService {
         params: kv::LeaseTimeToLiveParams,
         mut results: kv::LeaseTimeToLiveResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, _who) = self.permit().await?;
         let p = params.get()?;
         let (h, t) = self
             .shard
@@ -792,7 +818,7 @@ impl kv::Server for KvService {
         _params: kv::LeaseLeasesParams,
         mut results: kv::LeaseLeasesResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, _who) = self.permit().await?;
         let (h, ids) = self.shard.lease_list().await.map_err(to_capnp)?;
         let mut r = results.get();
         native::write_header(r.reborrow().init_header(), &h);
@@ -808,10 +834,11 @@ impl kv::Server for KvService {
         params: kv::WatchParams,
         _results: kv::WatchResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_if_auth()?;
+        let who = self.who().await?;
         // No permit: a watch lasts as long as the client wants it.
         let p = params.get()?;
         let spec = native::read_watch_req(p.get_req()?)?;
+        self.check_range(&who, &spec.key, &spec.range_end, PermType::Read)?;
         let sink = p.get_sink()?;
         pump_watch(InternalWatch::new(&self.shard, spec), sink).await
     }
@@ -821,9 +848,10 @@ impl kv::Server for KvService {
         params: kv::LockParams,
         mut results: kv::LockResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_if_auth()?;
+        let who = self.who().await?;
         let p = params.get()?;
         let (name, lease) = (p.get_name()?.to_vec(), p.get_lease());
+        self.check_recipe(&who, &name, true)?;
         let (h, key) = self.shard.lock(name, lease).await.map_err(to_capnp)?;
         let mut r = results.get();
         native::write_header(r.reborrow().init_header(), &h);
@@ -836,8 +864,9 @@ impl kv::Server for KvService {
         params: kv::UnlockParams,
         mut results: kv::UnlockResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let key = params.get()?.get_key()?.to_vec();
+        self.check_range(&who, &key, &[], PermType::Write)?;
         let h = self.shard.unlock(key).await.map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
         Ok(())
@@ -848,13 +877,14 @@ impl kv::Server for KvService {
         params: kv::CampaignParams,
         mut results: kv::CampaignResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_if_auth()?;
+        let who = self.who().await?;
         let p = params.get()?;
         let (name, lease, value) = (
             p.get_name()?.to_vec(),
             p.get_lease(),
             p.get_value()?.to_vec(),
         );
+        self.check_recipe(&who, &name, true)?;
         let (h, leader) = self
             .shard
             .campaign(name, lease, value)
@@ -871,10 +901,11 @@ impl kv::Server for KvService {
         params: kv::ProclaimParams,
         mut results: kv::ProclaimResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let p = params.get()?;
         let leader = native::read_leader_key(p.get_leader()?)?;
         let value = p.get_value()?.to_vec();
+        self.check_range(&who, &leader.key, &[], PermType::Write)?;
         let h = self.shard.proclaim(leader, value).await.map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
         Ok(())
@@ -885,8 +916,9 @@ impl kv::Server for KvService {
         params: kv::ResignParams,
         mut results: kv::ResignResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let leader = native::read_leader_key(params.get()?.get_leader()?)?;
+        self.check_range(&who, &leader.key, &[], PermType::Write)?;
         let h = self.shard.resign(leader).await.map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
         Ok(())
@@ -897,8 +929,9 @@ impl kv::Server for KvService {
         params: kv::LeaderParams,
         mut results: kv::LeaderResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
         let name = params.get()?.get_name()?.to_vec();
+        self.check_recipe(&who, &name, false)?;
         let (h, kv) = self.shard.leader(&name).await.map_err(to_capnp)?;
         let mut r = results.get();
         native::write_header(r.reborrow().init_header(), &h);
@@ -911,9 +944,10 @@ impl kv::Server for KvService {
         params: kv::ObserveParams,
         _results: kv::ObserveResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_if_auth()?;
+        let who = self.who().await?;
         let p = params.get()?;
         let name = p.get_name()?.to_vec();
+        self.check_recipe(&who, &name, false)?;
         let sink = p.get_sink()?;
         let mut leaders = self.shard.observe(name);
         while let Some(next) = leaders.next().await {
@@ -939,7 +973,7 @@ impl kv::Server for KvService {
         _params: kv::MemberListParams,
         mut results: kv::MemberListResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, _who) = self.permit().await?;
         let (h, ms) = self.shard.member_list().map_err(to_capnp)?;
         let mut r = results.get();
         native::write_header(r.reborrow().init_header(), &h);
@@ -952,7 +986,8 @@ impl kv::Server for KvService {
         params: kv::MemberAddParams,
         mut results: kv::MemberAddResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
+        self.check_admin(&who)?;
         let p = params.get()?;
         let urls = native::read_text_list(p.get_peer_urls()?)?;
         let (h, m, ms) = self
@@ -972,7 +1007,8 @@ impl kv::Server for KvService {
         params: kv::MemberRemoveParams,
         mut results: kv::MemberRemoveResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
+        self.check_admin(&who)?;
         let id = params.get()?.get_id();
         let (h, ms) = self.shard.member_remove(id).await.map_err(to_capnp)?;
         let mut r = results.get();
@@ -986,7 +1022,8 @@ impl kv::Server for KvService {
         params: kv::MemberUpdateParams,
         mut results: kv::MemberUpdateResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
+        self.check_admin(&who)?;
         let p = params.get()?;
         let urls = native::read_text_list(p.get_peer_urls()?)?;
         let (h, ms) = self
@@ -1005,7 +1042,8 @@ impl kv::Server for KvService {
         params: kv::MemberPromoteParams,
         mut results: kv::MemberPromoteResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
+        self.check_admin(&who)?;
         let id = params.get()?.get_id();
         let (h, ms) = self.shard.member_promote(id).await.map_err(to_capnp)?;
         let mut r = results.get();
@@ -1019,7 +1057,8 @@ impl kv::Server for KvService {
         params: kv::MoveLeaderParams,
         mut results: kv::MoveLeaderResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        // No permission needed (as etcd 3.4's MoveLeader).
+        let (_p, _who) = self.permit().await?;
         let target = params.get()?.get_target();
         let h = self.shard.move_leader(target).await.map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
@@ -1031,7 +1070,8 @@ impl kv::Server for KvService {
         _params: kv::DefragmentParams,
         mut results: kv::DefragmentResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
+        self.check_admin(&who)?;
         let h = self.shard.defragment().await.map_err(to_capnp)?;
         native::write_header(results.get().init_header(), &h);
         Ok(())
@@ -1042,7 +1082,8 @@ impl kv::Server for KvService {
         params: kv::HashKvParams,
         mut results: kv::HashKvResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, who) = self.permit().await?;
+        self.check_admin(&who)?;
         let rev = params.get()?.get_revision();
         let (h, kh) = self.shard.hash_kv(rev).await.map_err(to_capnp)?;
         let mut r = results.get();
@@ -1057,9 +1098,38 @@ impl kv::Server for KvService {
         _params: kv::StatusParams,
         mut results: kv::StatusResults,
     ) -> Result<(), capnp::Error> {
-        let _p = self.permit().await?;
+        let (_p, _who) = self.permit().await?;
         let (h, st) = self.shard.status().await.map_err(to_capnp)?;
         native::write_status(results.get().init_resp(), &h, &st);
+        Ok(())
+    }
+
+    async fn authenticate(
+        self: Rc<Self>,
+        params: kv::AuthenticateParams,
+        mut results: kv::AuthenticateResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p
+            .get_name()?
+            .to_string()
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        let password = p
+            .get_password()?
+            .to_string()
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        let token = native_auth::authenticate(&self.shard, name, password)
+            .await
+            .map_err(to_capnp)?;
+        let service = KvService {
+            shard: self.shard.clone(),
+            // The connection's in-flight bound covers every capability on it.
+            permits: self.permits.clone(),
+            token: Some(Rc::from(token.as_str())),
+        };
+        let mut r = results.get();
+        r.set_token(&token);
+        r.set_kv(capnp_rpc::new_client(service));
         Ok(())
     }
 }
@@ -1103,6 +1173,7 @@ async fn serve_conn(shard: Rc<Shard>, stream: TcpStream) {
     let service = KvService {
         shard,
         permits: Rc::new(glommio::sync::Semaphore::new(MAX_INFLIGHT_PER_CONN)),
+        token: None,
     };
     let client: kv::Client = capnp_rpc::new_client(service);
     let rpc = RpcSystem::new(Box::new(network), Some(client.client));

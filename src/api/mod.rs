@@ -3,6 +3,7 @@ pub mod gateway;
 pub mod gateway_auth;
 pub mod gateway_stream;
 pub mod native;
+pub mod native_auth;
 pub mod v3auth;
 pub mod v3lease;
 pub mod v3lock;

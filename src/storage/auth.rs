@@ -378,10 +378,18 @@ pub fn apply(
 const MAX_TOKENS: usize = 100_000;
 /// How long a request waits for the entry that issued its token to be applied here (a
 /// token taken from another member a moment ago); then the token is invalid.
-const MAX_TOKEN_WAIT: Duration = Duration::from_secs(2);
+pub const MAX_TOKEN_WAIT: Duration = Duration::from_secs(2);
 /// Re-check interval while waiting: a token ended before it was applied here is never
 /// issued, and the applied index then says so.
 const TOKEN_RECHECK: Duration = Duration::from_millis(50);
+
+/// What a token is worth on this member right now (see `Tokens::lookup`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenLookup {
+    Valid(String),
+    NotYetApplied,
+    Invalid,
+}
 
 /// Simple tokens of this member (etcd's `simpleTokenTTLKeeper`): issued when an
 /// Authenticate entry is applied, so every member knows each token; dropped on auth
@@ -429,24 +437,43 @@ impl Tokens {
 
     /// The user a live token names, as `user`, except that a token whose issuing entry
     /// this member has not applied yet is waited for (bounded by MAX_TOKEN_WAIT): tokens
-    /// are issued through raft, so one from any member works on every member.
+    /// are issued through raft, so one from any member works on every member. (For tokio
+    /// callers; glommio ones poll `lookup` with their own timer.)
     pub async fn user_when_applied(&self, token: &str) -> Option<String> {
-        let issued_at: u64 = token.rsplit_once('.')?.1.parse().ok()?;
         let deadline = tokio::time::Instant::now() + MAX_TOKEN_WAIT;
         // Bounded by the deadline.
         loop {
             let notified = self.issued.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(user) = self.user(token) {
-                return Some(user);
+            match self.lookup(token) {
+                TokenLookup::Valid(user) => return Some(user),
+                TokenLookup::Invalid => return None,
+                TokenLookup::NotYetApplied => {}
             }
             let now = tokio::time::Instant::now();
-            if self.applied_index.load(Ordering::Acquire) >= issued_at || now >= deadline {
+            if now >= deadline {
                 return None;
             }
             let wait = TOKEN_RECHECK.min(deadline - now);
             let _ = tokio::time::timeout(wait, notified).await;
+        }
+    }
+
+    /// Whether `token` names a user now, may yet (its issuing entry is not applied here),
+    /// or never will.
+    pub fn lookup(&self, token: &str) -> TokenLookup {
+        if let Some(user) = self.user(token) {
+            return TokenLookup::Valid(user);
+        }
+        let issued_at = token
+            .rsplit_once('.')
+            .and_then(|(_, index)| index.parse::<u64>().ok());
+        match issued_at {
+            Some(index) if self.applied_index.load(Ordering::Acquire) < index => {
+                TokenLookup::NotYetApplied
+            }
+            _ => TokenLookup::Invalid,
         }
     }
 
