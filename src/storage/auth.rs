@@ -102,6 +102,24 @@ pub fn check_admin(b: &Backend, txn: &RoTxn, who: &AuthUser) -> Result<(), KvErr
     }
 }
 
+/// A lock or election works on the keys under `name/`: the user must read them, and
+/// write them unless only observing (etcd's recipes run as the caller's own requests).
+pub fn check_recipe(
+    b: &Backend,
+    txn: &RoTxn,
+    who: &AuthUser,
+    name: &[u8],
+    write: bool,
+) -> Result<(), KvError> {
+    let prefix = [name, b"/"].concat();
+    let end = prefix_end(&prefix);
+    check_range(b, txn, who, &prefix, &end, PermType::Read)?;
+    if write {
+        check_range(b, txn, who, &prefix, &end, PermType::Write)?;
+    }
+    Ok(())
+}
+
 /// etcd's isOpPermitted: may `who` do `need` on every key of `[key, range_end)`?
 pub fn check_range(
     b: &Backend,
