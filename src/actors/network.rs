@@ -141,10 +141,17 @@ impl Shard {
         })
         .detach();
         while kicked.recv().await.is_some() {
-            // Bounded by the watchers' progress: each pass sends or waits for room.
+            // Bounded by the watchers' progress: each pass sends or waits for room. A
+            // pass that sent something goes on at once (after letting other tasks run);
+            // only one that found every owed stream full waits for the consumers.
             while self.hub.borrow().has_unsynced() {
-                self.hub.borrow_mut().catch_up();
-                if self.hub.borrow().has_unsynced() {
+                let progressed = self.hub.borrow_mut().catch_up();
+                if !self.hub.borrow().has_unsynced() {
+                    break;
+                }
+                if progressed {
+                    glommio::executor().yield_now().await;
+                } else {
                     glommio::timer::sleep(Duration::from_millis(2)).await;
                 }
             }

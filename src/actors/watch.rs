@@ -660,9 +660,11 @@ impl WatchHub {
 
     /// One bounded catch-up step for unsynced watchers: owed control messages first, then
     /// compaction checks, then one read of the store shared by every unsynced watcher.
-    pub fn catch_up(&mut self) {
+    /// Returns whether anything was sent (else every stream that is owed is full).
+    pub fn catch_up(&mut self) -> bool {
         let stream_ids: Vec<StreamId> = self.streams.keys().copied().collect();
         let mut dead = Vec::new();
+        let mut sent = 0usize;
         for id in stream_ids {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
@@ -673,7 +675,7 @@ impl WatchHub {
             }
             while let Some(msg) = s.pending.pop_front() {
                 match s.tx.try_send(msg) {
-                    Ok(()) => {}
+                    Ok(()) => sent += 1,
                     Err(e) if e.is_full() => {
                         s.pending.push_front(e.into_inner());
                         break;
@@ -689,14 +691,19 @@ impl WatchHub {
             self.close_stream(id);
         }
         if self.unsynced == 0 {
-            return;
+            return sent > 0;
         }
-        if let Err(e) = self.catch_up_from_store() {
-            tracing::error!("watch catch-up: {e}");
+        match self.catch_up_from_store() {
+            Ok(progressed) => sent > 0 || progressed,
+            Err(e) => {
+                tracing::error!("watch catch-up: {e}");
+                sent > 0
+            }
         }
     }
 
-    fn catch_up_from_store(&mut self) -> Result<(), crate::error::KvError> {
+    /// Returns whether a watcher got events or became synced.
+    fn catch_up_from_store(&mut self) -> Result<bool, crate::error::KvError> {
         let (backend, txn) = self.backend.read()?;
         let compacted = mvcc::compacted_revision(&backend, &txn)?;
         let ready = |hub: &WatchHub, w: &Watcher| {
@@ -729,8 +736,9 @@ impl WatchHub {
             .filter_map(|id| self.get(*id).map(|w| w.next_rev))
             .min()
         else {
-            return Ok(());
+            return Ok(false);
         };
+        let mut progressed = false;
         let to = self.last_rev;
         let (events, next) = if from <= to {
             mvcc::events_between(&backend, &txn, from, to, MAX_CATCHUP_EVENTS)?
@@ -760,14 +768,16 @@ impl WatchHub {
                     continue; // still slow: try again next step
                 }
                 w.spec.notified = true;
+                progressed = true;
             }
             w.next_rev = w.next_rev.max(next);
             if w.next_rev > self.last_rev {
                 w.spec.synced = true;
                 self.unsynced -= 1;
+                progressed = true;
             }
         }
-        Ok(())
+        Ok(progressed)
     }
 
     /// Periodic progress notification to synced watchers that asked for it and got no
