@@ -457,6 +457,27 @@ fn member_line(c: &Cluster, via: usize, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// `name`'s line in `via`'s member list once it satisfies `want`: a member's name appears
+/// when its publish entry is applied, and a change made through another member reaches
+/// `via` when `via` applies it, so both are waited for (bounded).
+fn wait_member_line(
+    c: &Cluster,
+    via: usize,
+    name: &str,
+    want: impl Fn(&str) -> bool,
+    what: &str,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let line = member_line(c, via, name);
+        if let Some(line) = line.filter(|l| want(l)) {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "{name} via {via}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn learner_joins_catches_up_is_promoted_and_another_member_leaves() {
     let dir = tempfile::tempdir().unwrap();
@@ -488,7 +509,7 @@ fn learner_joins_catches_up_is_promoted_and_another_member_leaves() {
     c.wait_ready(n4);
     let v = c.nodes[n4].ok(&["get", "pre29", "--consistency=s", "--print-value-only"]);
     assert_eq!(v.trim(), "v");
-    let line = member_line(&c, 0, "n4").expect("n4 listed");
+    let line = wait_member_line(&c, 0, "n4", |_| true, "n4 listed");
     assert!(line.ends_with("true"), "n4 should be a learner: {line}");
     let id4 = line.split(", ").next().unwrap().to_string();
     // Promoted through a follower (forwarded to the leader, as etcd does).
@@ -496,7 +517,7 @@ fn learner_joins_catches_up_is_promoted_and_another_member_leaves() {
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let out = c.nodes[follower].ok(&["member", "promote", &id4]);
     assert!(out.contains("promoted in cluster"), "{out}");
-    assert!(member_line(&c, 0, "n4").unwrap().ends_with("false"));
+    wait_member_line(&c, 0, "n4", |l| l.ends_with("false"), "n4 promoted");
     // Remove the leader itself: it stops, the rest elect a new leader and serve.
     let leader_id = c.nodes[leader].status().unwrap().0;
     c.nodes[follower].ok(&["member", "remove", &leader_id]);
@@ -534,21 +555,19 @@ fn auto_promote_move_leader_and_restart_ignoring_initial_flags() {
     let mut c = Cluster::start(dir.path(), 91, 3, &extra);
     let n4 = add_member(&mut c, 0, 94, true, &extra);
     c.wait_ready(n4);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if member_line(&c, 0, "n4").is_some_and(|l| l.ends_with("false")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "learner was not auto-promoted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     // member update: the same URL again goes through raft and is kept.
-    let line = member_line(&c, 0, "n4").unwrap();
+    let line = wait_member_line(
+        &c,
+        0,
+        "n4",
+        |l| l.ends_with("false"),
+        "learner was not auto-promoted",
+    );
     let id4 = line.split(", ").next().unwrap().to_string();
     let url4 = c.nodes[n4].peer_url();
     let out = c.nodes[1].ok(&["member", "update", &id4, "--peer-urls", &url4]);
     assert!(out.contains("updated in cluster"), "{out}");
-    assert!(member_line(&c, 2, "n4").unwrap().contains(&url4));
+    wait_member_line(&c, 2, "n4", |l| l.contains(&url4), "update not applied");
     // move-leader hands leadership to the named member.
     let leader = c.leader(Duration::from_secs(10)).expect("leader");
     let target = (leader + 1) % 4;
