@@ -39,6 +39,8 @@ pub enum BridgeRequest {
         Reply<(Header, WriteResponse)>,
     ),
     Header(Reply<Header>),
+    /// etcd's Authenticate (name, password): the token.
+    Authenticate(String, String, Reply<(Header, String)>),
     Defragment(Reply<Header>),
     Alarm(AlarmRequest, Reply<(Header, Vec<AlarmMember>)>),
     Status(Reply<(Header, Status)>),
@@ -113,6 +115,10 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 }
                 BridgeRequest::Header(tx) => {
                     let _ = tx.send(shard.current_header());
+                }
+                BridgeRequest::Authenticate(name, password, tx) => {
+                    let r = crate::api::native_auth::authenticate(&shard, name, password).await;
+                    let _ = tx.send(r);
                 }
                 BridgeRequest::Defragment(tx) => {
                     let _ = tx.send(shard.defragment().await);

@@ -1125,7 +1125,7 @@ impl kv::Server for KvService {
             .get_password()?
             .to_string()
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        let token = native_auth::authenticate(&self.shard, name, password)
+        let (_, token) = native_auth::authenticate(&self.shard, name, password)
             .await
             .map_err(to_capnp)?;
         let service = KvService {

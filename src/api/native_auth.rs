@@ -1,4 +1,4 @@
-//! Auth on the native port, judged as the gRPC front end judges it (src/api/v3auth.rs):
+//! Auth on the native port (and Authenticate for both front ends), judged as the gRPC front end judges it (src/api/v3auth.rs):
 //! a capability handed out by `authenticate` acts as its user (it holds the token, so the
 //! token's expiry and revocation apply); the bootstrap capability is a caller without a
 //! user, which etcd 3.4 still serves lease calls, status and member list.
@@ -40,6 +40,18 @@ pub async fn caller(shard: &Shard, token: Option<&str>) -> Result<AuthUser, KvEr
     Ok(AuthUser { name, revision })
 }
 
+/// Runs an auth store check, unless auth is off (the common case: no LMDB read then).
+fn judge(
+    shard: &Shard,
+    check: impl FnOnce(&crate::storage::backend::Backend, &heed::RoTxn) -> Result<(), KvError>,
+) -> Result<(), KvError> {
+    if !shard.settings.tokens.auth_enabled() {
+        return Ok(());
+    }
+    let (b, txn) = shard.backend.read()?;
+    check(&b, &txn)
+}
+
 /// May `who` do `need` on `[key, range_end)`? (etcd's IsRangePermitted.)
 pub fn check_range(
     shard: &Shard,
@@ -48,20 +60,14 @@ pub fn check_range(
     range_end: &[u8],
     need: PermType,
 ) -> Result<(), KvError> {
-    if !shard.settings.tokens.auth_enabled() {
-        return Ok(()); // the common case: no LMDB read on the request path
-    }
-    let (b, txn) = shard.backend.read()?;
-    store::check_range(&b, &txn, who, key, range_end, need)
+    judge(shard, |b, txn| {
+        store::check_range(b, txn, who, key, range_end, need)
+    })
 }
 
-/// etcd's IsAdminPermitted (membership, maintenance, alarms).
+/// etcd's IsAdminPermitted (membership, maintenance).
 pub fn check_admin(shard: &Shard, who: &AuthUser) -> Result<(), KvError> {
-    if !shard.settings.tokens.auth_enabled() {
-        return Ok(());
-    }
-    let (b, txn) = shard.backend.read()?;
-    store::check_admin(&b, &txn, who)
+    judge(shard, |b, txn| store::check_admin(b, txn, who))
 }
 
 /// A lock or election: read (and write unless observing) the keys under `name/`.
@@ -71,21 +77,20 @@ pub fn check_recipe(
     name: &[u8],
     write: bool,
 ) -> Result<(), KvError> {
-    if !shard.settings.tokens.auth_enabled() {
-        return Ok(());
-    }
-    let (b, txn) = shard.backend.read()?;
-    store::check_recipe(&b, &txn, who, name, write)
+    judge(shard, |b, txn| {
+        store::check_recipe(b, txn, who, name, write)
+    })
 }
 
-/// etcd's Authenticate: applies what was committed before (so an enable or user add made
-/// through another member is seen), checks the password on the blocking pool (bcrypt
-/// takes tens of ms), then issues the token through raft so every member knows it.
+/// etcd's Authenticate, for both front ends: applies what was committed before (so an
+/// enable or user add made through another member is seen, as etcd's
+/// linearizableReadNotify), checks the password on the blocking pool (bcrypt takes tens
+/// of ms), then issues the token through raft so every member knows it.
 pub async fn authenticate(
     shard: &Rc<Shard>,
     name: String,
     password: String,
-) -> Result<String, KvError> {
+) -> Result<(Header, String), KvError> {
     let barrier = RangeRequest {
         key: vec![0],
         count_only: true,
@@ -109,9 +114,9 @@ pub async fn authenticate(
     let token_prefix = store::token_prefix()?;
     let req = WriteRequest::Auth(AuthRequest::Authenticate { name, token_prefix });
     match shard.write(req).await? {
-        (_, WriteResponse::Auth(AuthResponse::Token(token))) => {
+        (h, WriteResponse::Auth(AuthResponse::Token(token))) => {
             debug_assert!(!token.is_empty());
-            Ok(token)
+            Ok((h, token))
         }
         _ => Err(KvError::Internal("unexpected authenticate response".into())),
     }

@@ -124,23 +124,6 @@ impl Gateway {
             _ => Err(Status::internal("etcdserver: unexpected auth response")),
         }
     }
-
-    /// Waits until this member has applied what the leader had committed when called (a
-    /// linearizable read of one key, counted only).
-    async fn read_barrier(&self) -> Result<(), Status> {
-        let probe = RangeRequest {
-            key: vec![0],
-            count_only: true,
-            ..Default::default()
-        };
-        self.call(|tx| BridgeRequest::Range(probe, tx)).await?;
-        Ok(())
-    }
-
-    fn auth_enabled(&self) -> Result<bool, Status> {
-        let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
-        store::enabled(&b, &txn).map_err(super::v3rpc::to_status)
-    }
 }
 
 /// bcrypt on tokio's blocking pool: tens of ms of CPU must not stall the gRPC threads.
@@ -231,48 +214,19 @@ impl Auth for Gateway {
         }))
     }
 
-    /// Checks the password here (bcrypt, off the gRPC threads), then issues the token
-    /// through raft so every member knows it, as etcd does.
+    /// On the member's shard, as the native port's (api::native_auth::authenticate).
     async fn authenticate(
         &self,
         req: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let r = req.into_inner();
-        // As etcd (linearizableReadNotify): this member first applies everything committed
-        // before the request, so an enable or user add just made through another member
-        // is seen here.
-        self.read_barrier().await?;
-        if !self.auth_enabled()? {
-            return Err(super::v3rpc::to_status(KvError::AuthNotEnabled));
-        }
-        let stored = {
-            let (b, txn) = self.backend().read().map_err(super::v3rpc::to_status)?;
-            store::password_hash(&b, &txn, &r.name).map_err(super::v3rpc::to_status)?
-        };
-        let Some(stored) = stored else {
-            return Err(super::v3rpc::to_status(KvError::AuthFailed));
-        };
-        let password = r.password;
-        let ok = tokio::task::spawn_blocking(move || store::password_matches(&password, &stored))
-            .await
-            .unwrap_or(false);
-        if !ok {
-            return Err(super::v3rpc::to_status(KvError::AuthFailed));
-        }
-        let token_prefix = store::token_prefix().map_err(super::v3rpc::to_status)?;
-        let a = AuthRequest::Authenticate {
-            name: r.name,
-            token_prefix,
-        };
-        match self.auth_write_as(None, a).await? {
-            (h, AuthResponse::Token(token)) => Ok(Response::new(pb::AuthenticateResponse {
-                header: Some(h),
-                token,
-            })),
-            _ => Err(Status::internal(
-                "etcdserver: unexpected authenticate response",
-            )),
-        }
+        let (h, token) = self
+            .call(|tx| BridgeRequest::Authenticate(r.name, r.password, tx))
+            .await?;
+        Ok(Response::new(pb::AuthenticateResponse {
+            header: header(&h),
+            token,
+        }))
     }
 
     async fn user_add(
