@@ -97,8 +97,11 @@ impl InternalWatch {
         loop {
             match self.rx.next().await {
                 None => return Err(KvError::Stopped),
-                Some(WatchOut::Events { delivery, .. }) => {
-                    return Ok((delivery.header, delivery.events.clone()))
+                // One watcher per internal stream: one entry per message.
+                Some(WatchOut::Events(mut list)) => {
+                    if let Some(d) = list.pop().map(|w| w.delivery) {
+                        return Ok((d.header, d.events.clone()));
+                    }
                 }
                 Some(WatchOut::Canceled {
                     compact_revision, ..

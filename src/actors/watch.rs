@@ -53,11 +53,9 @@ pub enum WatchOut {
         /// Set when the watch could not be created: it is canceled with this reason.
         error: Option<String>,
     },
-    Events {
-        watch_id: i64,
-        delivery: Arc<Delivery>,
-        fragment: bool,
-    },
+    /// One batch (or catch-up step) for every watcher of the stream that got events from
+    /// it: one channel message per stream, not per watcher (never empty).
+    Events(Vec<WatcherEvents>),
     Canceled {
         header: Header,
         watch_id: i64,
@@ -66,6 +64,14 @@ pub enum WatchOut {
     },
     /// watch_id -1: a progress report for the whole stream.
     Progress { header: Header, watch_id: i64 },
+}
+
+/// One watcher's share of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WatcherEvents {
+    pub watch_id: i64,
+    pub delivery: Arc<Delivery>,
+    pub fragment: bool,
 }
 
 /// A batch's events as some watchers get them: one per batch and distinct event list,
@@ -100,6 +106,9 @@ struct Deliveries<'a> {
     events: &'a [Event],
     header: Header,
     made: HashMap<(Vec<u32>, bool), Arc<Delivery>>,
+    /// The last one handed out: watchers on one key ask for the same subset in a row,
+    /// so most lookups end here without hashing.
+    last: Option<(Vec<u32>, bool, Arc<Delivery>)>,
 }
 
 impl<'a> Deliveries<'a> {
@@ -108,15 +117,22 @@ impl<'a> Deliveries<'a> {
             events,
             header,
             made: HashMap::new(),
+            last: None,
         }
     }
 
     /// `picked`: indexes into the batch's events, ascending.
-    fn get(&mut self, picked: Vec<u32>, prev_kv: bool) -> Arc<Delivery> {
+    fn get(&mut self, picked: &[u32], prev_kv: bool) -> Arc<Delivery> {
         debug_assert!(picked.windows(2).all(|w| w[0] < w[1]));
+        if let Some((p, kv, d)) = &self.last {
+            if *kv == prev_kv && p.as_slice() == picked {
+                return d.clone();
+            }
+        }
         let (events, header) = (self.events, self.header);
-        self.made
-            .entry((picked, prev_kv))
+        let d = self
+            .made
+            .entry((picked.to_vec(), prev_kv))
             .or_insert_with_key(|(picked, prev_kv)| {
                 let evs = picked
                     .iter()
@@ -125,7 +141,23 @@ impl<'a> Deliveries<'a> {
                     .collect();
                 Delivery::new(header, evs)
             })
-            .clone()
+            .clone();
+        self.last = Some((picked.to_vec(), prev_kv, d.clone()));
+        d
+    }
+}
+
+/// Per stream, what one batch gives its watchers: the message and the slots it covers.
+#[derive(Default)]
+struct Outgoing {
+    by_stream: HashMap<StreamId, (Vec<WatcherEvents>, Vec<Wid>)>,
+}
+
+impl Outgoing {
+    fn push(&mut self, stream: StreamId, wid: Wid, events: WatcherEvents) {
+        let (msg, wids) = self.by_stream.entry(stream).or_default();
+        msg.push(events);
+        wids.push(wid);
     }
 }
 
@@ -177,8 +209,8 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn events(&self, delivery: Arc<Delivery>) -> WatchOut {
-        WatchOut::Events {
+    fn events(&self, delivery: Arc<Delivery>) -> WatcherEvents {
+        WatcherEvents {
             watch_id: self.spec.watch_id,
             delivery,
             fragment: self.spec.has(FRAGMENT),
@@ -207,6 +239,19 @@ fn matches(spec: &Spec, ev: &Event) -> bool {
     crate::model::in_range(&ev.kv.key, &spec.key, spec.range_end())
         && !(spec.has(NO_PUT) && ev.kind == EventKind::Put)
         && !(spec.has(NO_DELETE) && ev.kind == EventKind::Delete)
+}
+
+/// What decides which events of a read a watcher gets: its key space, its filters and
+/// its position. Key bytes are shared per key, so their address names them.
+fn same_events_key(w: &Watcher) -> (*const u8, usize, &[u8], u8, i64) {
+    let key = &w.spec.key;
+    (
+        key.as_ptr(),
+        key.len(),
+        w.spec.range_end(),
+        w.spec.flags & (NO_PUT | NO_DELETE),
+        w.next_rev,
+    )
 }
 
 fn event_for(ev: &Event, prev_kv: bool) -> Event {
@@ -610,8 +655,8 @@ impl WatchHub {
             }
             return;
         };
-        // Each watcher's events as indexes into the batch.
-        let mut per_watcher: HashMap<Wid, Vec<u32>> = HashMap::new();
+        // (watcher, event index) for every match, in event order.
+        let mut hits: Vec<(Wid, u32)> = Vec::new();
         let mut cands = Vec::new();
         for (i, ev) in events.iter().enumerate() {
             if ev.kv.mod_revision < from_rev {
@@ -624,38 +669,66 @@ impl WatchHub {
                     continue;
                 };
                 if w.spec.synced && ev.kv.mod_revision >= w.next_rev && matches(&w.spec, ev) {
-                    per_watcher.entry(*wid).or_default().push(i as u32);
+                    hits.push((*wid, i as u32));
                 }
             }
         }
+        // By watcher, each watcher's indexes ascending.
+        hits.sort_unstable();
         let mut deliveries = Deliveries::new(events, self.header());
+        let mut out = Outgoing::default();
+        let mut picked: Vec<u32> = Vec::new();
+        for group in hits.chunk_by(|a, b| a.0 == b.0) {
+            let wid = group[0].0;
+            let Some(w) = self.get(wid) else {
+                continue;
+            };
+            picked.clear();
+            picked.extend(group.iter().map(|h| h.1));
+            let delivery = deliveries.get(&picked, w.spec.has(PREV_KV));
+            out.push(w.stream, wid, w.events(delivery));
+        }
+        let next_rev = batch.to_rev + 1;
+        self.send(out, |hub, wid| hub.unsync(wid, from_rev), next_rev);
+    }
+
+    /// Sends each stream its message (streams owing control messages count as full).
+    /// Watchers whose message went out are done up to `next_rev`; those of a full
+    /// stream go to `on_full`; a gone stream is closed.
+    fn send(&mut self, out: Outgoing, on_full: impl Fn(&mut WatchHub, Wid), next_rev: i64) -> bool {
         let mut dead = Vec::new();
-        for (wid, picked) in per_watcher {
-            let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) else {
+        let mut sent = false;
+        for (stream, (msg, wids)) in out.by_stream {
+            debug_assert_eq!(msg.len(), wids.len());
+            let Some(s) = self.streams.get_mut(&stream) else {
                 continue;
             };
-            let Some(s) = self.streams.get_mut(&w.stream) else {
-                continue;
-            };
-            let msg = w.events(deliveries.get(picked, w.spec.has(PREV_KV)));
-            let sent = if s.pending.is_empty() {
-                s.tx.try_send(msg)
-                    .map_err(|e| e.is_disconnected().then_some(w.stream))
+            let result = if s.pending.is_empty() {
+                s.tx.try_send(WatchOut::Events(msg))
+                    .map_err(|e| e.is_disconnected())
             } else {
-                Err(None)
+                Err(false)
             };
-            match sent {
+            match result {
                 Ok(()) => {
-                    w.next_rev = batch.to_rev + 1;
-                    w.spec.notified = true;
+                    sent = true;
+                    for wid in wids {
+                        if let Some(w) =
+                            self.watchers.get_mut(wid as usize).and_then(Option::as_mut)
+                        {
+                            w.next_rev = w.next_rev.max(next_rev);
+                            w.spec.notified = true;
+                        }
+                    }
                 }
-                Err(Some(stream)) => dead.push(stream),
-                Err(None) => self.unsync(wid, from_rev),
+                Err(true) => dead.push(stream),
+                Err(false) => wids.into_iter().for_each(|wid| on_full(self, wid)),
             }
         }
         for stream in dead {
             self.close_stream(stream);
         }
+        sent
     }
 
     /// One bounded catch-up step for unsynced watchers: owed control messages first, then
@@ -738,46 +811,67 @@ impl WatchHub {
         else {
             return Ok(false);
         };
-        let mut progressed = false;
         let to = self.last_rev;
         let (events, next) = if from <= to {
             mvcc::events_between(&backend, &txn, from, to, MAX_CATCHUP_EVENTS)?
         } else {
             (Vec::new(), to + 1)
         };
+        // Watchers with the same filter and position get the same events: sorted so they
+        // sit together, each group's events are picked once (not once per watcher).
+        let mut waiting = waiting;
+        waiting.sort_by(|a, b| match (self.get(*a), self.get(*b)) {
+            (Some(a), Some(b)) => same_events_key(a).cmp(&same_events_key(b)),
+            (a, b) => a.is_some().cmp(&b.is_some()),
+        });
         let mut deliveries = Deliveries::new(&events, self.header());
-        for wid in waiting {
-            let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) else {
+        let mut out = Outgoing::default();
+        let mut picked: Vec<u32> = Vec::new();
+        let mut group_of: Option<Wid> = None;
+        for &wid in &waiting {
+            let Some(w) = self.get(wid) else {
                 continue;
             };
-            let picked: Vec<u32> = (0u32..)
-                .zip(&events)
-                .filter(|(_, e)| {
-                    e.kv.mod_revision >= w.next_rev
-                        && e.kv.mod_revision < next
-                        && matches(&w.spec, e)
-                })
-                .map(|(i, _)| i)
-                .collect();
-            if !picked.is_empty() {
-                let Some(s) = self.streams.get_mut(&w.stream) else {
-                    continue;
-                };
-                let msg = w.events(deliveries.get(picked, w.spec.has(PREV_KV)));
-                if s.tx.try_send(msg).is_err() {
-                    continue; // still slow: try again next step
-                }
-                w.spec.notified = true;
-                progressed = true;
+            let same = group_of
+                .and_then(|g| self.get(g))
+                .is_some_and(|g| same_events_key(g) == same_events_key(w));
+            if !same {
+                picked.clear();
+                picked.extend(
+                    (0u32..)
+                        .zip(&events)
+                        .filter(|(_, e)| {
+                            e.kv.mod_revision >= w.next_rev
+                                && e.kv.mod_revision < next
+                                && matches(&w.spec, e)
+                        })
+                        .map(|(i, _)| i),
+                );
+                group_of = Some(wid);
             }
-            w.next_rev = w.next_rev.max(next);
-            if w.next_rev > self.last_rev {
-                w.spec.synced = true;
-                self.unsynced -= 1;
-                progressed = true;
+            if picked.is_empty() {
+                // Nothing for it in this step: it is done up to `next` already.
+                if let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) {
+                    w.next_rev = w.next_rev.max(next);
+                }
+            } else {
+                let delivery = deliveries.get(&picked, w.spec.has(PREV_KV));
+                out.push(w.stream, wid, w.events(delivery));
             }
         }
-        Ok(progressed)
+        // A full stream's watchers stay where they are: tried again next step.
+        let progressed = self.send(out, |_, _| {}, next);
+        let mut synced_now = false;
+        for wid in waiting {
+            if let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) {
+                if !w.spec.synced && w.next_rev > self.last_rev {
+                    w.spec.synced = true;
+                    self.unsynced -= 1;
+                    synced_now = true;
+                }
+            }
+        }
+        Ok(progressed || synced_now)
     }
 
     /// Periodic progress notification to synced watchers that asked for it and got no
@@ -836,8 +930,10 @@ mod tests {
 
     fn drain(rx: &mut mpsc::Receiver<WatchOut>, revs: &mut Vec<i64>) {
         while let Ok(m) = rx.try_recv() {
-            if let WatchOut::Events { delivery, .. } = m {
-                revs.extend(delivery.events.iter().map(|e| e.kv.mod_revision));
+            if let WatchOut::Events(list) = m {
+                for w in list {
+                    revs.extend(w.delivery.events.iter().map(|e| e.kv.mod_revision));
+                }
             }
         }
     }
@@ -909,6 +1005,81 @@ mod tests {
         assert_eq!(hub.watcher_count(), 0);
     }
 
+    /// Many watchers on one stream: a batch is one message carrying every watcher's share;
+    /// watchers catching up from different revisions (grouped by filter and position)
+    /// each get exactly their own revisions, in order, once.
+    #[test]
+    fn one_message_per_stream_and_grouped_catch_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(dir.path(), 64 << 20).unwrap();
+        apply(&b, &["k", "x", "k", "k"], true); // revisions 2..5
+        let mut hub = WatchHub::new(
+            Store::new(b.clone()),
+            1,
+            2,
+            Rc::new(Cell::new(1)),
+            Default::default(),
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(0); // capacity: one message
+        hub.open_stream(1, tx);
+        // Watch ids 0..12: on "k" from revisions 2, 3, 4 and now, plus prefix watchers.
+        let starts = [2, 3, 4, 0];
+        for i in 0..12 {
+            let prefix = i % 2 == 1;
+            hub.create(
+                1,
+                WatchSpec {
+                    key: b"k".to_vec(),
+                    range_end: if prefix { prefix_end(b"k") } else { Vec::new() },
+                    start_rev: starts[i % 4],
+                    ..Default::default()
+                },
+            );
+        }
+        let mut got: HashMap<i64, Vec<i64>> = HashMap::new();
+        let mut collect = |rx: &mut mpsc::Receiver<WatchOut>| {
+            let mut messages = 0;
+            while let Ok(m) = rx.try_recv() {
+                if let WatchOut::Events(list) = m {
+                    messages += 1;
+                    assert!(!list.is_empty());
+                    for w in list {
+                        let revs = got.entry(w.watch_id).or_default();
+                        revs.extend(w.delivery.events.iter().map(|e| e.kv.mod_revision));
+                    }
+                }
+            }
+            messages
+        };
+        for _ in 0..100 {
+            collect(&mut rx);
+            hub.catch_up();
+            if !hub.has_unsynced() {
+                break;
+            }
+        }
+        collect(&mut rx);
+        assert!(!hub.has_unsynced());
+        hub.on_batch(&apply(&b, &["k", "kz"], true)); // revisions 6, 7
+        assert_eq!(collect(&mut rx), 1, "one message for the whole stream");
+        for id in 0..12i64 {
+            let from = match starts[id as usize % 4] {
+                0 => 6,
+                r => r,
+            };
+            let prefix = id % 2 == 1;
+            let want: Vec<i64> = (from..=7)
+                .filter(|r| *r != 3 && (prefix || *r != 7))
+                .collect();
+            assert_eq!(
+                got.get(&id).cloned().unwrap_or_default(),
+                want,
+                "watch {id}"
+            );
+        }
+    }
+
     #[test]
     fn matching_by_key_prefix_and_range() {
         let dir = tempfile::tempdir().unwrap();
@@ -947,13 +1118,13 @@ mod tests {
             .map(|rx| {
                 let mut keys = Vec::new();
                 while let Ok(m) = rx.try_recv() {
-                    if let WatchOut::Events { delivery, .. } = m {
-                        keys.extend(
-                            delivery
+                    if let WatchOut::Events(list) = m {
+                        keys.extend(list.iter().flat_map(|w| {
+                            w.delivery
                                 .events
                                 .iter()
-                                .map(|e| String::from_utf8_lossy(&e.kv.key).into_owned()),
-                        );
+                                .map(|e| String::from_utf8_lossy(&e.kv.key).into_owned())
+                        }));
                     }
                 }
                 keys

@@ -543,9 +543,14 @@ pub fn watch_out_to_resp(out: crate::actors::watch::WatchOut) -> WatchResponse {
             cancel_reason: error.unwrap_or_default(),
             ..Default::default()
         },
-        O::Events { delivery, .. } => WatchResponse {
-            header: delivery.header,
-            events: delivery.events.clone(),
+        // One watch per native stream: one entry per message (several would be
+        // one batch's events in order anyway).
+        O::Events(list) => WatchResponse {
+            header: list.first().map(|w| w.delivery.header).unwrap_or_default(),
+            events: list
+                .iter()
+                .flat_map(|w| w.delivery.events.iter().cloned())
+                .collect(),
             ..Default::default()
         },
         O::Canceled {

@@ -8,7 +8,7 @@
 
 use super::v3rpc::{header, kv_to_pb, to_status, BoxStream, Gateway};
 use crate::actors::bridge::{BridgeRequest, WatchCmd};
-use crate::actors::watch::{Delivery, StreamId, WatchOut, WatchSpec, STREAM_BUFFER};
+use crate::actors::watch::{Delivery, StreamId, WatchOut, WatchSpec, WatcherEvents, STREAM_BUFFER};
 use crate::error::KvError;
 use crate::etcdpb::etcdserverpb as pb;
 use crate::etcdpb::mvccpb;
@@ -49,8 +49,7 @@ pub fn event_to_pb(e: Event) -> mvccpb::Event {
     }
 }
 
-/// One hub message as etcd's responses; a large revision is split into fragments when
-/// the watcher asked for them (etcd's sendFragments).
+/// One hub message as etcd's responses.
 pub fn to_pb(m: WatchOut, max_bytes: usize) -> Vec<pb::WatchResponse> {
     match m {
         WatchOut::Created {
@@ -65,49 +64,10 @@ pub fn to_pb(m: WatchOut, max_bytes: usize) -> Vec<pb::WatchResponse> {
             cancel_reason: error.unwrap_or_default(),
             ..Default::default()
         }],
-        WatchOut::Events {
-            watch_id,
-            delivery,
-            fragment,
-        } => {
-            let h = delivery.header;
-            let events: Vec<mvccpb::Event> =
-                delivery.events.iter().cloned().map(event_to_pb).collect();
-            let whole = pb::WatchResponse {
-                header: header(&h),
-                watch_id,
-                events,
-                ..Default::default()
-            };
-            if !fragment || whole.events.len() < 2 || whole.encoded_len() < max_bytes {
-                return vec![whole];
-            }
-            let mut out: Vec<pb::WatchResponse> = Vec::new();
-            let mut chunk: Vec<mvccpb::Event> = Vec::new();
-            let mut size = 0;
-            for ev in whole.events {
-                let len = ev.encoded_len();
-                if !chunk.is_empty() && size + len > max_bytes {
-                    out.push(pb::WatchResponse {
-                        header: header(&h),
-                        watch_id,
-                        fragment: true,
-                        events: std::mem::take(&mut chunk),
-                        ..Default::default()
-                    });
-                    size = 0;
-                }
-                size += len;
-                chunk.push(ev);
-            }
-            out.push(pb::WatchResponse {
-                header: header(&h),
-                watch_id,
-                events: chunk,
-                ..Default::default()
-            });
-            out
-        }
+        WatchOut::Events(list) => list
+            .into_iter()
+            .flat_map(|w| watcher_to_pb(w, max_bytes))
+            .collect(),
         WatchOut::Canceled {
             header: h,
             watch_id,
@@ -130,6 +90,52 @@ pub fn to_pb(m: WatchOut, max_bytes: usize) -> Vec<pb::WatchResponse> {
             ..Default::default()
         }],
     }
+}
+
+/// One watcher's events as etcd's responses; a large revision is split into fragments
+/// when the watcher asked for them (etcd's sendFragments).
+fn watcher_to_pb(w: WatcherEvents, max_bytes: usize) -> Vec<pb::WatchResponse> {
+    let WatcherEvents {
+        watch_id,
+        delivery,
+        fragment,
+    } = w;
+    let h = delivery.header;
+    let events: Vec<mvccpb::Event> = delivery.events.iter().cloned().map(event_to_pb).collect();
+    let whole = pb::WatchResponse {
+        header: header(&h),
+        watch_id,
+        events,
+        ..Default::default()
+    };
+    if !fragment || whole.events.len() < 2 || whole.encoded_len() < max_bytes {
+        return vec![whole];
+    }
+    let mut out: Vec<pb::WatchResponse> = Vec::new();
+    let mut chunk: Vec<mvccpb::Event> = Vec::new();
+    let mut size = 0;
+    for ev in whole.events {
+        let len = ev.encoded_len();
+        if !chunk.is_empty() && size + len > max_bytes {
+            out.push(pb::WatchResponse {
+                header: header(&h),
+                watch_id,
+                fragment: true,
+                events: std::mem::take(&mut chunk),
+                ..Default::default()
+            });
+            size = 0;
+        }
+        size += len;
+        chunk.push(ev);
+    }
+    out.push(pb::WatchResponse {
+        header: header(&h),
+        watch_id,
+        events: chunk,
+        ..Default::default()
+    });
+    out
 }
 
 /// What the Watch stream sends: a response built for one watcher, or a watcher's id in
@@ -156,25 +162,31 @@ fn shared_body(d: &Delivery) -> Bytes {
 
 /// One hub message as frames; what would need fragmenting goes the per-watcher way.
 pub fn to_frames(m: WatchOut, max_bytes: usize) -> Vec<WatchFrame> {
-    if let WatchOut::Events {
-        watch_id,
-        delivery,
-        fragment,
-    } = &m
-    {
-        let body = shared_body(delivery);
-        // + the watch id field (at most 11 bytes), as to_pb measures the whole response.
-        if !*fragment || delivery.events.len() < 2 || body.len() + 11 < max_bytes {
-            return vec![WatchFrame::Shared {
-                watch_id: *watch_id,
+    let WatchOut::Events(list) = m else {
+        return to_pb(m, max_bytes)
+            .into_iter()
+            .map(WatchFrame::Single)
+            .collect();
+    };
+    let mut frames = Vec::with_capacity(list.len());
+    for w in list {
+        let body = shared_body(&w.delivery);
+        // + the watch id field (at most 11 bytes), as watcher_to_pb measures the whole
+        // response.
+        if !w.fragment || w.delivery.events.len() < 2 || body.len() + 11 < max_bytes {
+            frames.push(WatchFrame::Shared {
+                watch_id: w.watch_id,
                 body,
-            }];
+            });
+        } else {
+            frames.extend(
+                watcher_to_pb(w, max_bytes)
+                    .into_iter()
+                    .map(WatchFrame::Single),
+            );
         }
     }
-    to_pb(m, max_bytes)
-        .into_iter()
-        .map(WatchFrame::Single)
-        .collect()
+    frames
 }
 
 /// WatchResponse's field number for `watch_id`.
@@ -409,11 +421,11 @@ mod tests {
         };
         let delivery = Delivery::new(header, vec![event("a", 41, true), event("b", 42, false)]);
         for watch_id in [0, 1, 300, i64::MAX, -1] {
-            let out = WatchOut::Events {
+            let out = WatchOut::Events(vec![WatcherEvents {
                 watch_id,
                 delivery: delivery.clone(),
                 fragment: false,
-            };
+            }]);
             let frames = to_frames(out.clone(), 1 << 20);
             assert_eq!(frames.len(), 1);
             assert!(matches!(frames[0], WatchFrame::Shared { .. }));
@@ -435,11 +447,11 @@ mod tests {
     fn fragmenting_watchers_get_fragments() {
         let events: Vec<Event> = (0..10).map(|i| event("k", 10 + i, false)).collect();
         let delivery = Delivery::new(Header::default(), events);
-        let out = WatchOut::Events {
+        let out = WatchOut::Events(vec![WatcherEvents {
             watch_id: 5,
             delivery,
             fragment: true,
-        };
+        }]);
         let frames = to_frames(out, 100);
         assert!(frames.len() > 1);
         let mut n = 0;
