@@ -2,25 +2,28 @@
 //! stream lives on one shard's watch hub (chosen round robin when it opens); requests
 //! are forwarded to it in order and its bounded output becomes the response stream.
 //!
-//! The service is written out here rather than generated: its encoder sends a revision's
-//! events to N watchers as one shared encoding with each watcher's id spliced in front
-//! (protobuf fields may come in any order), so fan-out costs one encode per revision.
+//! The service is written out here rather than generated: its response body sends a
+//! revision's events to N watchers as one shared encoding with each watcher's id spliced
+//! in front (protobuf fields may come in any order), so fan-out costs one encode per
+//! revision, and writes whatever the hub has queued as one chunk.
 
-use super::v3rpc::{header, kv_to_pb, to_status, BoxStream, Gateway};
+use super::v3rpc::{header, kv_to_pb, to_status, Gateway};
 use crate::actors::bridge::{BridgeRequest, WatchCmd};
 use crate::actors::watch::{Delivery, StreamId, WatchOut, WatchSpec, WatcherEvents, STREAM_BUFFER};
 use crate::error::KvError;
 use crate::etcdpb::etcdserverpb as pb;
 use crate::etcdpb::mvccpb;
 use crate::model::{Event, EventKind, PermType};
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
+use http_body::Frame;
 use prost::Message;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tonic::codec::{Codec, EncodeBuf, Encoder};
+use std::task::{Context, Poll};
 use tonic::codegen::{http, Body, BoxFuture, StdError};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 
 pub(crate) static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
@@ -138,103 +141,125 @@ fn watcher_to_pb(w: WatcherEvents, max_bytes: usize) -> Vec<pb::WatchResponse> {
     out
 }
 
-/// What the Watch stream sends: a response built for one watcher, or a watcher's id in
-/// front of a delivery encoded once for every watcher that gets it.
-pub enum WatchFrame {
-    Single(pb::WatchResponse),
-    Shared { watch_id: i64, body: Bytes },
-}
-
 /// WatchResponse fields `header` and `events` of a delivery, encoded by the first stream
 /// that sends it.
-fn shared_body(d: &Delivery) -> Bytes {
-    d.encoded
-        .get_or_init(|| {
-            let r = pb::WatchResponse {
-                header: header(&d.header),
-                events: d.events.iter().cloned().map(event_to_pb).collect(),
-                ..Default::default()
-            };
-            Bytes::from(r.encode_to_vec())
-        })
-        .clone()
-}
-
-/// One hub message as frames; what would need fragmenting goes the per-watcher way.
-pub fn to_frames(m: WatchOut, max_bytes: usize) -> Vec<WatchFrame> {
-    let WatchOut::Events(list) = m else {
-        return to_pb(m, max_bytes)
-            .into_iter()
-            .map(WatchFrame::Single)
-            .collect();
-    };
-    let mut frames = Vec::with_capacity(list.len());
-    for w in list {
-        let body = shared_body(&w.delivery);
-        // + the watch id field (at most 11 bytes), as watcher_to_pb measures the whole
-        // response.
-        if !w.fragment || w.delivery.events.len() < 2 || body.len() + 11 < max_bytes {
-            frames.push(WatchFrame::Shared {
-                watch_id: w.watch_id,
-                body,
-            });
-        } else {
-            frames.extend(
-                watcher_to_pb(w, max_bytes)
-                    .into_iter()
-                    .map(WatchFrame::Single),
-            );
-        }
-    }
-    frames
+fn shared_body(d: &Delivery) -> &Bytes {
+    d.encoded.get_or_init(|| {
+        let r = pb::WatchResponse {
+            header: header(&d.header),
+            events: d.events.iter().cloned().map(event_to_pb).collect(),
+            ..Default::default()
+        };
+        Bytes::from(r.encode_to_vec())
+    })
 }
 
 /// WatchResponse's field number for `watch_id`.
 const WATCH_ID_FIELD: u32 = 2;
+/// gRPC's message prefix: a compressed flag byte and a big-endian u32 length.
+const GRPC_PREFIX_BYTES: usize = 5;
+/// A response body chunk is cut once it holds this much (more messages wait for the
+/// next chunk; h2 splits chunks into frames by itself).
+const CHUNK_BYTES: usize = 64 << 10;
 
-pub struct WatchEncoder;
+fn put_grpc_prefix(buf: &mut BytesMut, len: usize) {
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+}
 
-impl Encoder for WatchEncoder {
-    type Item = WatchFrame;
+fn put_response(buf: &mut BytesMut, r: &pb::WatchResponse) {
+    let len = r.encoded_len();
+    buf.reserve(GRPC_PREFIX_BYTES + len);
+    put_grpc_prefix(buf, len);
+    r.encode_raw(buf);
+}
+
+/// Appends one hub message as gRPC messages (etcd's WatchResponses). A delivery goes out
+/// as its shared encoding with each watcher's id in front (protobuf fields may come in
+/// any order), so a revision fanned out to N watchers costs N copies, not N encodes;
+/// what would need fragmenting is built per watcher.
+pub fn put_messages(buf: &mut BytesMut, m: WatchOut, max_bytes: usize) {
+    let WatchOut::Events(list) = m else {
+        for r in to_pb(m, max_bytes) {
+            put_response(buf, &r);
+        }
+        return;
+    };
+    for w in list {
+        let body_len = shared_body(&w.delivery).len();
+        // + the watch id field (at most 11 bytes), as watcher_to_pb measures the whole
+        // response.
+        if w.fragment && w.delivery.events.len() >= 2 && body_len + 11 >= max_bytes {
+            for r in watcher_to_pb(w, max_bytes) {
+                put_response(buf, &r);
+            }
+            continue;
+        }
+        // proto3 leaves a zero field out, as prost's own encoding would.
+        let id_len = if w.watch_id != 0 {
+            prost::encoding::int64::encoded_len(WATCH_ID_FIELD, &w.watch_id)
+        } else {
+            0
+        };
+        buf.reserve(GRPC_PREFIX_BYTES + id_len + body_len);
+        put_grpc_prefix(buf, id_len + body_len);
+        if w.watch_id != 0 {
+            prost::encoding::int64::encode(WATCH_ID_FIELD, &w.watch_id, buf);
+        }
+        buf.put_slice(shared_body(&w.delivery));
+    }
+}
+
+/// The Watch call's response body: the hub's messages for this stream as gRPC
+/// messages, as many as are waiting written into one chunk, then grpc-status 0 when the
+/// hub closes the stream. Back-pressure: hyper polls it only when the HTTP/2 stream has
+/// window, so a client that stops reading fills the hub's bounded channel and its
+/// watchers fall back to catching up from the store.
+pub struct WatchBody {
+    rx: mpsc::Receiver<WatchOut>,
+    max_bytes: usize,
+    ended: bool,
+    _close: CloseOnDrop,
+}
+
+impl Body for WatchBody {
+    type Data = Bytes;
     type Error = Status;
 
-    fn encode(&mut self, item: WatchFrame, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        write_frame(item, buf)
-    }
-}
-
-fn write_frame(item: WatchFrame, buf: &mut impl BufMut) -> Result<(), Status> {
-    match item {
-        WatchFrame::Single(r) => r.encode(buf).map_err(|e| Status::internal(e.to_string())),
-        WatchFrame::Shared { watch_id, body } => {
-            // proto3 leaves a zero field out, as prost's own encoding would.
-            if watch_id != 0 {
-                prost::encoding::int64::encode(WATCH_ID_FIELD, &watch_id, buf);
-            }
-            buf.put_slice(&body);
-            Ok(())
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
         }
+        let mut buf = BytesMut::new();
+        // Bounded by CHUNK_BYTES and by what the channel holds.
+        while buf.len() < CHUNK_BYTES {
+            match self.rx.poll_next_unpin(cx) {
+                Poll::Ready(Some(m)) => put_messages(&mut buf, m, self.max_bytes),
+                Poll::Ready(None) if buf.is_empty() => {
+                    self.ended = true;
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        if buf.is_empty() {
+            return Poll::Pending; // the channel has our waker
+        }
+        Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 }
 
-#[derive(Clone, Copy, Default)]
-pub struct WatchCodec;
-
-impl Codec for WatchCodec {
-    type Encode = WatchFrame;
-    type Decode = pb::WatchRequest;
-    type Encoder = WatchEncoder;
-    type Decoder = tonic_prost::ProstDecoder<pb::WatchRequest>;
-
-    fn encoder(&mut self) -> WatchEncoder {
-        WatchEncoder
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-/// The `etcdserverpb.Watch` service (what tonic would generate, with `WatchCodec`).
+/// The `etcdserverpb.Watch` service, written out: tonic decodes the requests; the
+/// response body is `WatchBody`, which frames the messages itself.
 #[derive(Clone)]
 pub struct WatchService {
     gateway: Gateway,
@@ -252,19 +277,6 @@ impl WatchService {
 
 impl tonic::server::NamedService for WatchService {
     const NAME: &'static str = "etcdserverpb.Watch";
-}
-
-struct WatchCall(Gateway);
-
-impl tonic::server::StreamingService<pb::WatchRequest> for WatchCall {
-    type Response = WatchFrame;
-    type ResponseStream = BoxStream<WatchFrame>;
-    type Future = BoxFuture<Response<BoxStream<WatchFrame>>, Status>;
-
-    fn call(&mut self, req: Request<Streaming<pb::WatchRequest>>) -> Self::Future {
-        let gateway = self.0.clone();
-        Box::pin(async move { gateway.watch(req).await })
-    }
 }
 
 impl<B> tonic::codegen::Service<http::Request<B>> for WatchService
@@ -292,12 +304,39 @@ where
                 Ok(Status::unimplemented("unknown method").into_http::<tonic::body::Body>())
             });
         }
-        let call = WatchCall(self.gateway.clone());
+        let gateway = self.gateway.clone();
         let limit = self.max_decoding_bytes;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(WatchCodec)
-                .apply_max_message_size_config(Some(limit), None);
-            Ok(grpc.streaming(call, req).await)
+            // No compression is offered (as tonic answers without its compression
+            // features).
+            if let Some(enc) = req.headers().get("grpc-encoding") {
+                if enc.as_bytes() != b"identity" {
+                    let msg = format!(
+                        "Content is compressed with `{}` which isn't supported",
+                        String::from_utf8_lossy(enc.as_bytes())
+                    );
+                    return Ok(Status::unimplemented(msg).into_http());
+                }
+            }
+            let req = Request::from_http(req.map(|body| {
+                Streaming::new_request(
+                    tonic_prost::ProstDecoder::<pb::WatchRequest>::default(),
+                    body,
+                    None,
+                    Some(limit),
+                )
+            }));
+            Ok(match gateway.watch(req).await {
+                Ok(body) => {
+                    let mut resp = http::Response::new(tonic::body::Body::new(body));
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    resp
+                }
+                Err(status) => status.into_http(),
+            })
         })
     }
 }
@@ -336,10 +375,7 @@ impl Drop for CloseOnDrop {
 }
 
 impl Gateway {
-    async fn watch(
-        &self,
-        req: Request<Streaming<pb::WatchRequest>>,
-    ) -> Result<Response<BoxStream<WatchFrame>>, Status> {
+    async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<WatchBody, Status> {
         let stream = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
         let mut bridge = self.shard_sender(self.pick_shard());
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -378,13 +414,12 @@ impl Gateway {
                 }
             }
         });
-        let guard = CloseOnDrop { stream, bridge };
-        let max_bytes = self.max_request_bytes();
-        let out = rx.flat_map(move |m| {
-            let _keep = &guard;
-            futures::stream::iter(to_frames(m, max_bytes).into_iter().map(Ok))
-        });
-        Ok(Response::new(Box::pin(out)))
+        Ok(WatchBody {
+            rx,
+            max_bytes: self.max_request_bytes(),
+            ended: false,
+            _close: CloseOnDrop { stream, bridge },
+        })
     }
 }
 
@@ -409,10 +444,22 @@ mod tests {
         }
     }
 
-    /// A shared frame decodes, for every watch id (zero, large, negative), to exactly the
-    /// response built for that watcher alone.
+    /// The gRPC messages in `buf`, decoded.
+    fn decode_all(mut buf: &[u8]) -> Vec<pb::WatchResponse> {
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            assert_eq!(buf[0], 0, "uncompressed");
+            let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+            out.push(pb::WatchResponse::decode(&buf[5..5 + len]).unwrap());
+            buf = &buf[5 + len..];
+        }
+        out
+    }
+
+    /// A shared delivery framed for several watchers (zero, large, negative ids) decodes
+    /// to exactly the responses built for each watcher alone, and is encoded once.
     #[test]
-    fn shared_frames_decode_as_per_watcher_responses() {
+    fn shared_messages_decode_as_per_watcher_responses() {
         let header = Header {
             cluster_id: 7,
             member_id: 9,
@@ -420,22 +467,18 @@ mod tests {
             raft_term: 3,
         };
         let delivery = Delivery::new(header, vec![event("a", 41, true), event("b", 42, false)]);
-        for watch_id in [0, 1, 300, i64::MAX, -1] {
-            let out = WatchOut::Events(vec![WatcherEvents {
+        let list: Vec<WatcherEvents> = [0, 1, 300, i64::MAX, -1]
+            .into_iter()
+            .map(|watch_id| WatcherEvents {
                 watch_id,
                 delivery: delivery.clone(),
                 fragment: false,
-            }]);
-            let frames = to_frames(out.clone(), 1 << 20);
-            assert_eq!(frames.len(), 1);
-            assert!(matches!(frames[0], WatchFrame::Shared { .. }));
-            let mut wire = Vec::new();
-            for f in frames {
-                write_frame(f, &mut wire).unwrap();
-            }
-            let got = pb::WatchResponse::decode(wire.as_slice()).unwrap();
-            assert_eq!(vec![got], to_pb(out, 1 << 20), "watch id {watch_id}");
-        }
+            })
+            .collect();
+        let out = WatchOut::Events(list);
+        let mut buf = BytesMut::new();
+        put_messages(&mut buf, out.clone(), 1 << 20);
+        assert_eq!(decode_all(&buf), to_pb(out, 1 << 20));
         assert!(
             delivery.encoded.get().is_some(),
             "encoded once, then reused"
@@ -452,14 +495,14 @@ mod tests {
             delivery,
             fragment: true,
         }]);
-        let frames = to_frames(out, 100);
-        assert!(frames.len() > 1);
+        let mut buf = BytesMut::new();
+        put_messages(&mut buf, out, 100);
+        let got = decode_all(&buf);
+        assert!(got.len() > 1);
         let mut n = 0;
-        for (i, f) in frames.iter().enumerate() {
-            let WatchFrame::Single(r) = f else {
-                panic!("fragments are built per watcher");
-            };
-            assert_eq!(r.fragment, i + 1 < frames.len());
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!(r.fragment, i + 1 < got.len());
+            assert_eq!(r.watch_id, 5);
             n += r.events.len();
         }
         assert_eq!(n, 10);
