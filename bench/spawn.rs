@@ -55,9 +55,33 @@ pub struct Deployment {
     dir: PathBuf,
 }
 
+/// Listen ports are drawn below Linux's ephemeral range (32768-60999 by default): a port
+/// the kernel hands out for bind(0) can be handed out again for an outgoing connection
+/// (the loader's, a spawned member's) before the server binds it, which made a spawned
+/// server fail with "address already in use".
+const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
+
+/// Ports this process already gave out (two members must not draw the same one).
+static TAKEN_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
 fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+    use std::hash::{BuildHasher, Hasher};
+    let mut taken = TAKEN_PORTS.lock().map_err(|e| e.to_string())?;
+    let span = (PORT_RANGE.end - PORT_RANGE.start) as u64;
+    // Bounded: a few hundred draws find a free port unless the range is nearly full.
+    for attempt in 0..512u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(attempt);
+        let port = PORT_RANGE.start + (h.finish() % span) as u16;
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return Ok(port);
+        }
+    }
+    Err(format!("no free port in {PORT_RANGE:?} after 512 tries"))
 }
 
 impl Deployment {
