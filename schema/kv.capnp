@@ -260,7 +260,10 @@ interface Kv {
   memberAdd @21 (peerUrls :List(Text), isLearner :Bool) -> (header :ResponseHeader, member :Member, members :List(Member));
   memberRemove @22 (id :UInt64) -> (header :ResponseHeader, members :List(Member));
   memberUpdate @23 (id :UInt64, peerUrls :List(Text)) -> (header :ResponseHeader, members :List(Member));
-  memberPromote @24 (id :UInt64) -> (header :ResponseHeader, members :List(Member));
+  # `token`: set when a follower forwards a promotion to the leader (only the leader can
+  # judge a learner's progress): the caller's auth token, so the leader judges the caller
+  # rather than the forwarding connection. Empty: the connection's own identity.
+  memberPromote @24 (id :UInt64, token :Text) -> (header :ResponseHeader, members :List(Member));
   moveLeader @25 (target :UInt64) -> (header :ResponseHeader);
   # etcd's HashKV at a revision (0 = current); compactRevision -1 = never compacted.
   hashKv @26 (revision :Int64) -> (header :ResponseHeader, hash :UInt32, compactRevision :Int64);

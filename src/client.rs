@@ -368,9 +368,17 @@ impl Client {
         Ok((header_of(r.get_header())?, ms))
     }
 
-    pub async fn member_promote(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
+    /// `on_behalf_of`: a caller's auth token, when a member forwards the call for it.
+    pub async fn member_promote(
+        &self,
+        id: u64,
+        on_behalf_of: Option<&str>,
+    ) -> Result<(Header, Vec<Member>), KvError> {
         let mut req = self.kv.member_promote_request();
         req.get().set_id(id);
+        if let Some(token) = on_behalf_of {
+            req.get().set_token(token);
+        }
         let resp = req.send().promise.await.map_err(from_capnp)?;
         let r = resp.get().map_err(from_capnp)?;
         let ms = native::read_members(r.get_members().map_err(from_capnp)?).map_err(from_capnp)?;

@@ -147,6 +147,51 @@ fn auth_is_cluster_wide() {
         );
     }
     let root = token(1, "root", "rootpw");
+    // A promotion sent to a follower is judged there and by the leader, which alone knows
+    // a learner's progress: the follower forwards the caller's token, so root gets the
+    // leader's answer (this learner never started: not in sync), not a refusal.
+    let leader = c.leader(Duration::from_secs(10)).expect("one leader");
+    let follower = (leader + 1) % 3;
+    let added = c.nodes[leader].ok(&[
+        "--user",
+        "root:rootpw",
+        "member",
+        "add",
+        "idle-learner",
+        "--peer-urls",
+        "http://127.0.0.169:2380",
+        "--learner",
+    ]);
+    let learner_hex = added
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("{added}"))
+        .to_string();
+    let learner_id = u64::from_str_radix(&learner_hex, 16).unwrap_or_else(|_| panic!("{added}"));
+    let not_in_sync = "can only promote a learner member which is in sync with leader";
+    let promote = format!(r#"{{"ID":"{learner_id}"}}"#);
+    let out = gateway_post(
+        &ep[follower],
+        "/v3/cluster/member/promote",
+        Some(&root),
+        &promote,
+    );
+    assert!(
+        out.contains(not_in_sync),
+        "gRPC promote via follower: {out}"
+    );
+    let out = gateway_post(&ep[follower], "/v3/cluster/member/promote", None, &promote);
+    assert!(out.contains("user name is empty"), "no user: {out}");
+    let out = c.nodes[follower].ctl(&["--user", "root:rootpw", "member", "promote", &learner_hex]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains(not_in_sync),
+        "native promote via follower: {err}"
+    );
+    let out = c.nodes[follower].ctl(&["--user", "alice:apw", "member", "promote", &learner_hex]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("permission denied"), "alice: {err}");
+    c.nodes[follower].ok(&["--user", "root:rootpw", "member", "remove", &learner_hex]);
     let out = gateway_post(&ep[0], "/v3/auth/disable", Some(&root), "{}");
     assert!(out.starts_with("200 "), "{out}");
     // Off again everywhere: the native port serves, the last write is there.

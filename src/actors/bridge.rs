@@ -63,7 +63,8 @@ pub enum BridgeRequest {
     MemberAdd(Vec<String>, bool, Reply<(Header, Member, Vec<Member>)>),
     MemberRemove(u64, Reply<(Header, Vec<Member>)>),
     MemberUpdate(u64, Vec<String>, Reply<(Header, Vec<Member>)>),
-    MemberPromote(u64, Reply<(Header, Vec<Member>)>),
+    /// With the caller's auth token, for the leader when this member forwards it.
+    MemberPromote(u64, Option<String>, Reply<(Header, Vec<Member>)>),
     MoveLeader(u64, Reply<Header>),
     /// Watch stream commands, handled in order on the stream's shard.
     Watch(StreamId, WatchCmd),
@@ -178,8 +179,8 @@ pub async fn serve(shard: Rc<Shard>, mut inbox: mpsc::Receiver<BridgeRequest>) {
                 BridgeRequest::MemberUpdate(id, urls, tx) => {
                     let _ = tx.send(shard.member_update(id, urls).await);
                 }
-                BridgeRequest::MemberPromote(id, tx) => {
-                    let _ = tx.send(shard.member_promote(id).await);
+                BridgeRequest::MemberPromote(id, token, tx) => {
+                    let _ = tx.send(shard.member_promote(id, token).await);
                 }
                 BridgeRequest::MoveLeader(to, tx) => {
                     let _ = tx.send(shard.move_leader(to).await);

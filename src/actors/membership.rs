@@ -93,8 +93,13 @@ impl Shard {
     }
 
     /// Only the leader knows whether the learner has caught up: a follower forwards
-    /// the promotion to it (as etcd does).
-    pub async fn member_promote(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
+    /// the promotion to it (as etcd does), with the caller's auth `token` (already judged
+    /// here) so the leader judges the same caller.
+    pub async fn member_promote(
+        &self,
+        id: u64,
+        token: Option<String>,
+    ) -> Result<(Header, Vec<Member>), KvError> {
         if !self.find(id)?.is_learner {
             return Err(KvError::MemberNotLearner);
         }
@@ -102,13 +107,17 @@ impl Shard {
             .conf_change(ConfChangeType::AddNode, id, MemberChange::Promote(id))
             .await
         {
-            Err(KvError::NotLeader) => self.forward_promote(id).await,
+            Err(KvError::NotLeader) => self.forward_promote(id, token.as_deref()).await,
             other => other,
         }
     }
 
-    async fn forward_promote(&self, id: u64) -> Result<(Header, Vec<Member>), KvError> {
-        let r = self.leader_client().await?.member_promote(id).await;
+    async fn forward_promote(
+        &self,
+        id: u64,
+        token: Option<&str>,
+    ) -> Result<(Header, Vec<Member>), KvError> {
+        let r = self.leader_client().await?.member_promote(id, token).await;
         self.forget_leader_conn_on(&r);
         r
     }

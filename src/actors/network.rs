@@ -1049,10 +1049,26 @@ impl kv::Server for KvService {
         params: kv::MemberPromoteParams,
         mut results: kv::MemberPromoteResults,
     ) -> Result<(), capnp::Error> {
-        let (_p, who) = self.permit().await?;
+        let p = params.get()?;
+        let forwarded = p
+            .get_token()?
+            .to_str()
+            .map_err(|e| capnp::Error::failed(format!("token: {e}")))?;
+        let (_p, mut who) = self.permit().await?;
+        let token = if forwarded.is_empty() {
+            self.token.as_deref()
+        } else {
+            who = native_auth::caller(&self.shard, Some(forwarded))
+                .await
+                .map_err(to_capnp)?;
+            Some(forwarded)
+        };
         self.check_admin(&who)?;
-        let id = params.get()?.get_id();
-        let (h, ms) = self.shard.member_promote(id).await.map_err(to_capnp)?;
+        let (h, ms) = self
+            .shard
+            .member_promote(p.get_id(), token.map(str::to_owned))
+            .await
+            .map_err(to_capnp)?;
         let mut r = results.get();
         native::write_header(r.reborrow().init_header(), &h);
         native::write_members(r.init_members(ms.len() as u32), &ms);

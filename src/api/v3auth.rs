@@ -18,6 +18,15 @@ use tonic::{Request, Response, Status};
 const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
 
 impl Gateway {
+    /// The auth token `req` carries, if any.
+    pub(crate) fn token_of<T>(req: &Request<T>) -> Option<String> {
+        TOKEN_KEYS
+            .iter()
+            .find_map(|k| req.metadata().get(*k))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
     /// Who sent `req`: the user its token names (with the auth revision of this check), or
     /// an empty user when it has none. A token that is not (or no longer) valid is refused.
     /// (The future owns what it needs, so it is Send whatever the request holds.)
@@ -25,11 +34,7 @@ impl Gateway {
         &self,
         req: &Request<T>,
     ) -> impl std::future::Future<Output = Result<AuthUser, Status>> + Send + 'static {
-        let token = TOKEN_KEYS
-            .iter()
-            .find_map(|k| req.metadata().get(*k))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let token = Self::token_of(req);
         let gateway = token.as_ref().map(|_| self.clone());
         async move {
             let (Some(token), Some(g)) = (token, gateway) else {

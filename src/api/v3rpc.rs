@@ -697,8 +697,11 @@ impl Cluster for Gateway {
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         self.check_admin(&self.caller(&req).await?)?;
+        let token = Self::token_of(&req);
         let id = req.into_inner().id;
-        let (h, list) = self.call(|tx| BridgeRequest::MemberPromote(id, tx)).await?;
+        let (h, list) = self
+            .call(|tx| BridgeRequest::MemberPromote(id, token, tx))
+            .await?;
         Ok(Response::new(pb::MemberPromoteResponse {
             header: header(&h),
             members: members_pb(&list),

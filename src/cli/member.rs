@@ -166,7 +166,7 @@ pub async fn run(c: &Client, f: Format, cmd: &MemberCmd) -> Result<String, KvErr
         }
         MemberCmd::Promote { id } => {
             let id = parse_id(id)?;
-            let (h, _) = c.member_promote(id).await?;
+            let (h, _) = c.member_promote(id, None).await?;
             Ok(format!(
                 "Member {id:16x} promoted in cluster {:16x}\n",
                 h.cluster_id
