@@ -334,6 +334,7 @@ impl RaftActor {
             }
             RaftInput::Tick => {
                 self.ticks += 1;
+                self.stagger_election_timeout();
                 self.node.tick();
                 self.retry_reads().await;
                 self.check_transfers().await;
@@ -341,6 +342,36 @@ impl RaftActor {
                     self.auto_promote();
                 }
             }
+        }
+    }
+
+    /// A follower's election timeout is a slot in [ET, 1.5 ET) by its rank among the
+    /// voters, not a random draw: with 100 ms ticks a draw has 5 values, so two
+    /// survivors of a leader crash often timed out in the same tick, both won a pre-vote
+    /// and split the vote (another ET: CI once saw 2.6 s for a 1 s timeout). Distinct slots
+    /// are a tick or more apart. Candidates keep raft-rs's random draw, so a split that
+    /// still happens is not repeated in lockstep. Applied before each tick, so whatever
+    /// raft-rs drew on its last reset is replaced before it is compared.
+    fn stagger_election_timeout(&mut self) {
+        let raft = &mut self.node.raft;
+        if raft.state != StateRole::Follower {
+            return;
+        }
+        let voters = raft.prs().conf().voters().ids();
+        if !voters.contains(raft.id) {
+            return; // a learner never campaigns
+        }
+        let rank = voters.iter().filter(|id| *id < raft.id).count();
+        let min = raft.election_timeout();
+        let span = min / 2; // max_election_tick = ET + ET / 2
+        if span == 0 {
+            return;
+        }
+        let slot = rank * span / voters.len().max(1);
+        let timeout = min + slot.min(span - 1);
+        debug_assert!(timeout >= min && timeout < min + span);
+        if raft.randomized_election_timeout() != timeout {
+            raft.set_randomized_election_timeout(timeout);
         }
     }
 
