@@ -347,6 +347,10 @@ impl WatchHub {
         self.watchers.get(wid as usize).and_then(Option::as_ref)
     }
 
+    fn get_mut(&mut self, wid: Wid) -> Option<&mut Watcher> {
+        self.watchers.get_mut(wid as usize).and_then(Option::as_mut)
+    }
+
     /// Live watchers' slots (bounded by the slab's size).
     fn wids(&self, keep: impl Fn(&Watcher) -> bool) -> Vec<Wid> {
         self.watchers
@@ -615,7 +619,7 @@ impl WatchHub {
     }
 
     fn unsync(&mut self, wid: Wid, from_rev: i64) {
-        if let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) {
+        if let Some(w) = self.get_mut(wid) {
             w.next_rev = w.next_rev.max(from_rev);
             if w.spec.synced {
                 w.spec.synced = false;
@@ -713,9 +717,7 @@ impl WatchHub {
                 Ok(()) => {
                     sent = true;
                     for wid in wids {
-                        if let Some(w) =
-                            self.watchers.get_mut(wid as usize).and_then(Option::as_mut)
-                        {
+                        if let Some(w) = self.get_mut(wid) {
                             w.next_rev = w.next_rev.max(next_rev);
                             w.spec.notified = true;
                         }
@@ -851,7 +853,7 @@ impl WatchHub {
             }
             if picked.is_empty() {
                 // Nothing for it in this step: it is done up to `next` already.
-                if let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) {
+                if let Some(w) = self.get_mut(wid) {
                     w.next_rev = w.next_rev.max(next);
                 }
             } else {
@@ -861,17 +863,18 @@ impl WatchHub {
         }
         // A full stream's watchers stay where they are: tried again next step.
         let progressed = self.send(out, |_, _| {}, next);
-        let mut synced_now = false;
+        let last_rev = self.last_rev;
+        let mut synced_now = 0;
         for wid in waiting {
-            if let Some(w) = self.watchers.get_mut(wid as usize).and_then(Option::as_mut) {
-                if !w.spec.synced && w.next_rev > self.last_rev {
+            if let Some(w) = self.get_mut(wid) {
+                if !w.spec.synced && w.next_rev > last_rev {
                     w.spec.synced = true;
-                    self.unsynced -= 1;
-                    synced_now = true;
+                    synced_now += 1;
                 }
             }
         }
-        Ok(progressed || synced_now)
+        self.unsynced -= synced_now;
+        Ok(progressed || synced_now > 0)
     }
 
     /// Periodic progress notification to synced watchers that asked for it and got no
