@@ -349,7 +349,8 @@ impl RaftActor {
     /// voters, not a random draw: with 100 ms ticks a draw has 5 values, so two
     /// survivors of a leader crash often timed out in the same tick, both won a pre-vote
     /// and split the vote (another ET: CI once saw 2.6 s for a 1 s timeout). Distinct slots
-    /// are a tick or more apart. Candidates keep raft-rs's random draw, so a split that
+    /// are a tick or more apart (when the range has a tick per voter; else the random
+    /// draw stays). Candidates keep raft-rs's random draw, so a split that
     /// still happens is not repeated in lockstep. Applied before each tick, so whatever
     /// raft-rs drew on its last reset is replaced before it is compared.
     fn stagger_election_timeout(&mut self) {
@@ -364,11 +365,13 @@ impl RaftActor {
         let rank = voters.iter().filter(|id| *id < raft.id).count();
         let min = raft.election_timeout();
         let span = min / 2; // max_election_tick = ET + ET / 2
-        if span == 0 {
+        if span < voters.len() {
+            // Too few ticks for a slot each (short timeouts, 7+ voters): shared slots
+            // would collide every time, so keep the random draw.
             return;
         }
-        let slot = rank * span / voters.len().max(1);
-        let timeout = min + slot.min(span - 1);
+        let slot = rank * span / voters.len();
+        let timeout = min + slot;
         debug_assert!(timeout >= min && timeout < min + span);
         if raft.randomized_election_timeout() != timeout {
             raft.set_randomized_election_timeout(timeout);
