@@ -229,6 +229,15 @@ fn run_topology(
         .collect();
     let (steps, base, grown) = plan(args.quick);
     let total_runs = steps.len();
+    // A dataset step matters only if a workload `--only` selects runs after it (growing
+    // to 1M keys for reads nobody asked for took minutes).
+    let run_after: Vec<bool> = (0..steps.len())
+        .map(|i| {
+            steps[i + 1..]
+                .iter()
+                .any(|s| matches!(s, Step::Run(w) if wanted(args, w)))
+        })
+        .collect();
     let mut dataset = 0u64;
     let mut runs: Vec<Run> = Vec::new();
     for (i, step) in steps.into_iter().enumerate() {
@@ -236,6 +245,7 @@ fn run_topology(
             break;
         }
         match step {
+            Step::Dataset(_) if !run_after[i] => {}
             Step::Dataset(keys) => {
                 for d in &deployments {
                     eprintln!(
