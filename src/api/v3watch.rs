@@ -485,6 +485,60 @@ mod tests {
         );
     }
 
+    /// The response body: whatever is queued goes out as one chunk of gRPC messages; an
+    /// empty open stream is pending (woken by the next message); a stream the hub closed
+    /// ends with grpc-status 0 as trailers; dropping the body tells the hub to close.
+    #[test]
+    fn body_chunks_what_is_queued_and_ends_with_ok_trailers() {
+        let (mut tx, rx) = mpsc::channel(8);
+        let (bridge, mut bridge_rx) = mpsc::channel(8);
+        let mut body = WatchBody {
+            rx,
+            max_bytes: 1 << 20,
+            ended: false,
+            _close: CloseOnDrop { stream: 7, bridge },
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        let created = WatchOut::Created {
+            header: Header::default(),
+            watch_id: 3,
+            error: None,
+        };
+        let delivery = Delivery::new(Header::default(), vec![event("a", 5, false)]);
+        let events = WatchOut::Events(vec![WatcherEvents {
+            watch_id: 3,
+            delivery,
+            fragment: false,
+        }]);
+        tx.try_send(created.clone()).unwrap();
+        tx.try_send(events.clone()).unwrap();
+        let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) else {
+            panic!("a data frame");
+        };
+        let data = frame.into_data().expect("data");
+        let mut want = to_pb(created, 1 << 20);
+        want.extend(to_pb(events, 1 << 20));
+        assert_eq!(decode_all(&data), want, "both messages in one chunk");
+        drop(tx);
+        let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) else {
+            panic!("trailers");
+        };
+        let trailers = frame.into_trailers().expect("trailers");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        assert!(body.is_end_stream());
+        assert!(matches!(
+            Pin::new(&mut body).poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
+        drop(body);
+        assert!(matches!(
+            bridge_rx.try_recv(),
+            Ok(BridgeRequest::Watch(7, WatchCmd::Close))
+        ));
+    }
+
     /// A watcher that asked for fragments still gets them from a shared delivery.
     #[test]
     fn fragmenting_watchers_get_fragments() {
