@@ -9,16 +9,18 @@ use std::path::Path;
 use std::time::Instant;
 
 /// A 4 KiB-aligned buffer for O_DIRECT.
-struct Aligned(*mut u8, std::alloc::Layout);
+pub struct Aligned(*mut u8, std::alloc::Layout);
+// SAFETY: the buffer is owned exclusively by its Aligned; moving it between threads is sound.
+unsafe impl Send for Aligned {}
 impl Aligned {
-    fn new(size: usize) -> Aligned {
+    pub fn new(size: usize) -> Aligned {
         let layout = std::alloc::Layout::from_size_align(size, 4096).expect("layout");
         // SAFETY: non-zero size layout; zeroed so the block is deterministic.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!p.is_null(), "allocation failed");
         Aligned(p, layout)
     }
-    fn slice(&self) -> &[u8] {
+    pub fn slice(&self) -> &[u8] {
         // SAFETY: p points at layout.size() initialised bytes owned by self.
         unsafe { std::slice::from_raw_parts(self.0, self.1.size()) }
     }

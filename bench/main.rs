@@ -14,6 +14,7 @@
 //! With `--spawn 1|3` the tool starts a fresh single node or 3-member loopback cluster of
 //! each system itself, runs the targets alternately (A B, then B A) and stops everything.
 
+mod floor;
 mod fsync;
 mod kv;
 mod lease;
@@ -115,6 +116,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The least a durable put costs here: loopback round trip, and a 4 KiB fdatasync'ed
+    /// write on 1 member and on a 3-member quorum, with threads as members (no server).
+    ReplicationFloor {
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The standard set against spawned etcd and corekv, with results file and report.
     Suite(suite::SuiteArgs),
 }
@@ -182,6 +193,7 @@ fn main() {
         Cmd::WatchLatency { run, load } => record::run_one(&run, watch::workload(load, true)),
         Cmd::LeaseKeepalive { run, load } => record::run_one(&run, lease::workload(load)),
         Cmd::FsyncFloor { dir, count, json } => fsync::run(&dir, count, json).map(|_| ()),
+        Cmd::ReplicationFloor { dir, count, json } => floor::run(&dir, count, json).map(|_| ()),
         Cmd::Suite(args) => suite::run(args),
     };
     if let Err(e) = r {

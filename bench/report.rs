@@ -251,6 +251,8 @@ pub struct GoalContext {
     pub members: u8,
     /// Pre-zeroed fsync floor p50 (ms), when measured.
     pub fsync_floor_p50_ms: Option<f64>,
+    /// `replication-floor`'s durable put p50 (ms) for this topology, when measured.
+    pub durable_put_floor_p50_ms: Option<f64>,
     /// (base, grown) dataset sizes for the "flat as the dataset grows" goal.
     pub datasets: Option<(u64, u64)>,
 }
@@ -290,7 +292,10 @@ pub fn goals_table(groups: &[Group], cx: &GoalContext) -> String {
                 None => (f64::NAN, "put, 1 client: p50 ≤ 1.5 × fsync floor".into()),
             }
         } else {
-            (0.45, "put, 1 client: p50 ≤ 0.45 ms".into())
+            let floor = cx.durable_put_floor_p50_ms.map_or(String::new(), |f| {
+                format!(" (replication floor here: {f:.3} ms)")
+            });
+            (0.45, format!("put, 1 client: p50 ≤ 0.45 ms{floor}"))
         };
         if let Some(c) = g.get(Target::CorekvGrpc) {
             let _ = writeln!(

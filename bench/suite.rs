@@ -180,6 +180,12 @@ pub fn run(args: SuiteArgs) -> Result<(), String> {
         .unwrap_or_else(std::env::temp_dir);
     eprintln!("fsync floor in {} ...", work.display());
     let floor = crate::fsync::run(&work, if args.quick { 50 } else { 2000 }, false)?;
+    eprintln!("replication floor in {} ...", work.display());
+    let replication = crate::floor::run(&work, if args.quick { 50 } else { 5000 }, false)?;
+    let floors = Floors {
+        fsync: floor,
+        replication,
+    };
     let mut topologies = Vec::new();
     for &members in &args.spawn {
         if crate::stopped() {
@@ -188,14 +194,14 @@ pub fn run(args: SuiteArgs) -> Result<(), String> {
         let t = run_topology(&args, members, rounds, &prov)?;
         topologies.push(t);
     }
-    let text = render(&args, &prov, &floor, &topologies, rounds, "")?;
+    let text = render(&args, &prov, &floors, &topologies, rounds, "")?;
     let report_path = args.out.join("report.md");
     std::fs::write(&report_path, &text).map_err(|e| format!("{}: {e}", report_path.display()))?;
     println!("{text}");
     eprintln!("report: {}", report_path.display());
     if let Some(readme) = &args.readme {
         let prefix = relative_dir(readme, &args.out);
-        let text = render(&args, &prov, &floor, &topologies, rounds, &prefix)?;
+        let text = render(&args, &prov, &floors, &topologies, rounds, &prefix)?;
         replace_section(readme, &text)?;
         eprintln!("updated {}", readme.display());
     }
@@ -314,11 +320,26 @@ fn topology_name(members: u8) -> String {
     }
 }
 
+type NamedHistograms = Vec<(&'static str, hdrhistogram::Histogram<u64>)>;
+
+/// What the machine allows, measured before the runs: `fsync-floor` and `replication-floor`.
+struct Floors {
+    fsync: NamedHistograms,
+    replication: NamedHistograms,
+}
+
+fn floor_p50(floors: &NamedHistograms, name: &str) -> Option<f64> {
+    floors
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, h)| record::ms(h, 0.5))
+}
+
 /// The report text; `img` prefixes plot paths (relative to where the text will live).
 fn render(
     args: &SuiteArgs,
     prov: &Provenance,
-    floor: &[(&'static str, hdrhistogram::Histogram<u64>)],
+    floors: &Floors,
     topologies: &[Topology],
     rounds: u32,
     img: &str,
@@ -338,19 +359,25 @@ fn render(
         s,
         "- fsync floor (4 KiB O_DIRECT write + fdatasync, same disk):"
     );
-    for (name, h) in floor {
-        let _ = write!(
-            s,
-            " {name} p50 {:.3} ms, p99 {:.3} ms;",
-            record::ms(h, 0.5),
-            record::ms(h, 0.99)
-        );
-    }
+    let percentiles = |s: &mut String, list: &NamedHistograms| {
+        for (name, h) in list {
+            let _ = write!(
+                s,
+                " {name} p50 {:.3} ms, p99 {:.3} ms;",
+                record::ms(h, 0.5),
+                record::ms(h, 0.99)
+            );
+        }
+    };
+    percentiles(&mut s, &floors.fsync);
+    let _ = write!(
+        s,
+        "\n- replication floor (`replication-floor`: threads as members over loopback TCP, one \
+         4 KiB O_DIRECT write + fdatasync per member and put, quorum 2 of 3; no server software):"
+    );
+    percentiles(&mut s, &floors.replication);
     let _ = writeln!(s, "\n- reproduce: `bench/run.sh` (see bench/README.md)\n");
-    let floor_p50 = floor
-        .iter()
-        .find(|(n, _)| *n == "pre-zeroed")
-        .map(|(_, h)| record::ms(h, 0.5));
+    let fsync_floor_p50 = floor_p50(&floors.fsync, "pre-zeroed");
     for t in topologies {
         let groups = report::group(&t.runs);
         let name = topology_name(t.members);
@@ -373,7 +400,15 @@ fn render(
         let _ = writeln!(s, "\n#### Goals\n");
         let cx = GoalContext {
             members: t.members,
-            fsync_floor_p50_ms: floor_p50,
+            fsync_floor_p50_ms: fsync_floor_p50,
+            durable_put_floor_p50_ms: floor_p50(
+                &floors.replication,
+                if t.members <= 1 {
+                    "durable put, 1 member"
+                } else {
+                    "durable put, 3 members"
+                },
+            ),
             datasets: Some(t.datasets),
         };
         s.push_str(&report::goals_table(&groups, &cx));
