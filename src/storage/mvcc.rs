@@ -9,7 +9,7 @@ use crate::error::KvError;
 use crate::model::*;
 use crate::storage::auth;
 use crate::storage::backend::{meta_key, Backend};
-use heed::{RoTxn, RwTxn};
+use heed::{PutFlags, RoTxn, RwTxn};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
@@ -957,7 +957,22 @@ impl<'e> Applier<'e> {
 
     fn write_record_inner(&mut self, rev: Rev, rec: &Record) -> Result<(), KvError> {
         let bytes = postcard::to_allocvec(rec)?;
-        self.b.kv.put(&mut self.txn, &rev.to_key(), &bytes)?;
+        let key = rev.to_key();
+        // Revisions only grow, so a record lands after the table's last key: APPEND skips
+        // the B-tree search and fills pages instead of splitting them in half. LMDB refuses
+        // it (KeyExist) for a key that is not the largest; that never happens while
+        // revisions grow, and the ordinary put below keeps the old behaviour if it did.
+        match self
+            .b
+            .kv
+            .put_with_flags(&mut self.txn, PutFlags::APPEND, &key, &bytes)
+        {
+            Err(heed::Error::Mdb(heed::MdbError::KeyExist)) => {
+                tracing::warn!(?rev, "kv: revision not above the last stored one");
+                self.b.kv.put(&mut self.txn, &key, &bytes)?;
+            }
+            r => r?,
+        }
         let entry = IndexEntry {
             latest: rev,
             tombstone: rec.tombstone,
