@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -38,21 +38,8 @@ struct Log {
 impl Log {
     fn create(dir: &Path, name: &str) -> Result<Log, String> {
         let path = dir.join(format!(".corekv-replication-floor-{name}"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .map_err(|e| format!("open {}: {e}", path.display()))?;
         let block = Aligned::new(BLOCK_BYTES as usize);
-        for i in 0..RING_BLOCKS {
-            file.write_all_at(block.slice(), i * BLOCK_BYTES)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        file.sync_all()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = crate::fsync::open_direct(&path, &block, RING_BLOCKS)?;
         Ok(Log {
             file,
             path,
@@ -263,24 +250,6 @@ pub fn run(
     ] {
         results.push((name, one(dir, count, members)?));
     }
-    for (name, h) in &results {
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({"workload": format!("replication-floor {name}"), "count": h.len(), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0})
-            );
-        } else {
-            println!(
-                "replication-floor {name:<23} x{}: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
-                h.len(),
-                ms(0.5),
-                ms(0.9),
-                ms(0.99),
-                h.max() as f64 / 1000.0
-            );
-        }
-    }
-    let _ = std::io::stdout().flush();
+    crate::fsync::print_floors("replication-floor", "", &results, json);
     Ok(results)
 }

@@ -3,6 +3,7 @@
 //! being extended, so put latencies can be read against the physical limit.
 
 use hdrhistogram::Histogram;
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -32,6 +33,56 @@ impl Drop for Aligned {
     }
 }
 
+/// Creates (truncating) `path` for O_DIRECT I/O and, with `zeroed_blocks` > 0, writes that
+/// many zero blocks and syncs them, so later writes neither allocate nor extend.
+pub fn open_direct(path: &Path, block: &Aligned, zeroed_blocks: u64) -> Result<File, String> {
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(at)?;
+    let size = block.slice().len() as u64;
+    for i in 0..zeroed_blocks {
+        f.write_all_at(block.slice(), i * size).map_err(at)?;
+    }
+    if zeroed_blocks > 0 {
+        f.sync_all().map_err(at)?;
+    }
+    Ok(f)
+}
+
+/// Prints one line (or JSON record) per measured floor, as `<tool> <name>`.
+pub fn print_floors(
+    tool: &str,
+    what: &str,
+    results: &[(&'static str, Histogram<u64>)],
+    json: bool,
+) {
+    for (name, h) in results {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"workload": format!("{tool} {name}"), "count": h.len(), "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0})
+            );
+        } else {
+            println!(
+                "{tool} {name:<23} {what}x{}: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+                h.len(),
+                ms(0.5),
+                ms(0.9),
+                ms(0.99),
+                h.max() as f64 / 1000.0
+            );
+        }
+    }
+    let _ = std::io::stdout().flush();
+}
+
 /// Measures both files and prints them; returns (name, histogram) per file.
 pub fn run(
     dir: &Path,
@@ -45,21 +96,7 @@ pub fn run(
     let mut results = Vec::new();
     for (name, prezero) in [("pre-zeroed", true), ("extending", false)] {
         let path = dir.join(format!(".corekv-fsync-floor-{name}"));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .map_err(|e| format!("open {}: {e}", path.display()))?;
-        if prezero {
-            for i in 0..count {
-                f.write_all_at(block.slice(), i * 4096)
-                    .map_err(|e| e.to_string())?;
-            }
-            f.sync_all().map_err(|e| e.to_string())?;
-        }
+        let f = open_direct(&path, &block, if prezero { count } else { 0 })?;
         let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("bounds");
         for i in 0..count {
             let start = Instant::now();
@@ -71,17 +108,11 @@ pub fn run(
         let _ = std::fs::remove_file(&path);
         results.push((name, h));
     }
-    for (name, h) in &results {
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({"workload": format!("fsync-floor {name}"), "count": h.len(), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0})
-            );
-        } else {
-            println!("fsync-floor {name:<11} 4 KiB O_DIRECT write + fdatasync x{}: p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms", h.len(), ms(0.5), ms(0.99), h.max() as f64 / 1000.0);
-        }
-    }
-    let _ = std::io::stdout().flush();
+    print_floors(
+        "fsync-floor",
+        "4 KiB O_DIRECT write + fdatasync ",
+        &results,
+        json,
+    );
     Ok(results)
 }

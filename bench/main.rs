@@ -108,26 +108,23 @@ enum Cmd {
         load: lease::KeepAliveArgs,
     },
     /// 4 KiB O_DIRECT write + fdatasync, into a pre-zeroed file and into a growing one.
-    FsyncFloor {
-        #[arg(long, default_value = ".")]
-        dir: std::path::PathBuf,
-        #[arg(long, default_value_t = 2000)]
-        count: u64,
-        #[arg(long)]
-        json: bool,
-    },
+    FsyncFloor(FloorArgs),
     /// The least a durable put costs here: loopback round trip, and a 4 KiB fdatasync'ed
     /// write on 1 member and on a 3-member quorum, with threads as members (no server).
-    ReplicationFloor {
-        #[arg(long, default_value = ".")]
-        dir: std::path::PathBuf,
-        #[arg(long, default_value_t = 2000)]
-        count: u64,
-        #[arg(long)]
-        json: bool,
-    },
+    ReplicationFloor(FloorArgs),
     /// The standard set against spawned etcd and corekv, with results file and report.
     Suite(suite::SuiteArgs),
+}
+
+#[derive(clap::Args)]
+struct FloorArgs {
+    /// Directory on the disk to measure (the data dir's).
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    count: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -192,8 +189,8 @@ fn main() {
         Cmd::Watch { run, load } => record::run_one(&run, watch::workload(load, false)),
         Cmd::WatchLatency { run, load } => record::run_one(&run, watch::workload(load, true)),
         Cmd::LeaseKeepalive { run, load } => record::run_one(&run, lease::workload(load)),
-        Cmd::FsyncFloor { dir, count, json } => fsync::run(&dir, count, json).map(|_| ()),
-        Cmd::ReplicationFloor { dir, count, json } => floor::run(&dir, count, json).map(|_| ()),
+        Cmd::FsyncFloor(a) => fsync::run(&a.dir, a.count, a.json).map(|_| ()),
+        Cmd::ReplicationFloor(a) => floor::run(&a.dir, a.count, a.json).map(|_| ()),
         Cmd::Suite(args) => suite::run(args),
     };
     if let Err(e) = r {
