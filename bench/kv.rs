@@ -3,7 +3,7 @@
 //! request in flight, clients are spread over connections and load threads.
 
 use crate::record::{Outcome, Place, Target, Workload};
-use crate::{grpc_channel, grpc_url_n, new_histogram, stopped};
+use crate::{grpc_url_n, new_histogram, stopped};
 use corekv::etcdpb::etcdserverpb as pb;
 use corekv::model::{PutRequest, RangeRequest, RequestOp, TxnRequest};
 use hdrhistogram::Histogram;
@@ -540,13 +540,14 @@ fn thread_grpc(
     use pb::kv_client::KvClient;
     let rt = crate::tokio_runtime()?;
     rt.block_on(async move {
-        let mut channels = Vec::new();
+        let mut conns = Vec::new();
         for url in &urls {
-            channels.push(grpc_channel(url).await?);
+            conns.push(crate::h2conn::connect(url).await?);
         }
         let mut tasks = Vec::new();
         for (i, (plan, gen)) in plans.into_iter().zip(gens).enumerate() {
-            let client = KvClient::new(channels[i % channels.len()].clone());
+            let (conn, origin) = conns[i % conns.len()].clone();
+            let client = KvClient::with_origin(conn, origin);
             let done = done.clone();
             tasks.push(tokio::spawn(async move {
                 let exec = |req: Req| {

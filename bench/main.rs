@@ -16,6 +16,7 @@
 
 mod floor;
 mod fsync;
+mod h2conn;
 mod kv;
 mod lease;
 mod record;
