@@ -50,18 +50,25 @@ impl KeepAliveWorkload {
             return Err("--streams and --leases must be at least 1".into());
         }
         let rt = crate::tokio_runtime()?;
-        rt.block_on(run_async(
-            a.clone(),
-            crate::grpc_url_n(endpoints, 0),
-            done.clone(),
-        ))
+        rt.block_on(run_async(a.clone(), endpoints, done.clone()))
     }
 }
 
-async fn run_async(l: KeepAliveArgs, url: String, done: Arc<AtomicU64>) -> Result<Outcome, String> {
+/// One connection per endpoint, streams round robin over them (as etcd's tool spreads
+/// its clients), so on a cluster most keepalives arrive at a follower and are forwarded
+/// to the leader.
+async fn run_async(
+    l: KeepAliveArgs,
+    endpoints: &str,
+    done: Arc<AtomicU64>,
+) -> Result<Outcome, String> {
     use pb::lease_client::LeaseClient;
-    let ch = grpc_channel(&url).await?;
-    let mut client = LeaseClient::new(ch.clone());
+    let mut channels = Vec::new();
+    let n_endpoints = endpoints.split(',').count().min(l.streams as usize);
+    for e in 0..n_endpoints {
+        channels.push(grpc_channel(&crate::grpc_url_n(endpoints, e)).await?);
+    }
+    let mut client = LeaseClient::new(channels[0].clone());
     let mut ids = Vec::new();
     for _ in 0..l.leases {
         let r = client
@@ -81,7 +88,7 @@ async fn run_async(l: KeepAliveArgs, url: String, done: Arc<AtomicU64>) -> Resul
             .step_by(l.streams as usize)
             .collect();
         let mine = if mine.is_empty() { vec![ids[0]] } else { mine };
-        let mut client = LeaseClient::new(ch.clone());
+        let mut client = LeaseClient::new(channels[s as usize % channels.len()].clone());
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::LeaseKeepAliveRequest>(1);

@@ -174,6 +174,7 @@ impl Deployment {
             d.dir.display()
         );
         d.wait_ready()?;
+        d.leader_first()?;
         assert_eq!(d.grpc.len(), members as usize);
         Ok(d)
     }
@@ -245,6 +246,45 @@ impl Deployment {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        Ok(())
+    }
+
+    /// Puts the leader's endpoints first, for etcd and corekv alike: one-connection
+    /// workloads use the first endpoint, and whether that member leads or forwards to
+    /// the leader would otherwise decide the comparison (etcd's published figures name
+    /// the leader too). Several connections still go round robin over every member.
+    fn leader_first(&mut self) -> Result<(), String> {
+        if self.grpc.len() < 2 {
+            return Ok(());
+        }
+        let rt = crate::tokio_runtime()?;
+        // Bounded: one status per member, each with a timeout.
+        let mut leader_at = None;
+        for (i, ep) in self.grpc.iter().enumerate() {
+            let url = crate::grpc_url_n(ep, 0);
+            let status = rt.block_on(async {
+                let ch = crate::grpc_channel(&url).await?;
+                let mut m =
+                    corekv::etcdpb::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
+                let req = corekv::etcdpb::etcdserverpb::StatusRequest {};
+                match tokio::time::timeout(Duration::from_secs(2), m.status(req)).await {
+                    Ok(Ok(r)) => Ok(r.into_inner()),
+                    Ok(Err(e)) => Err(format!("status of {url}: {e}")),
+                    Err(_) => Err(format!("status of {url}: timed out")),
+                }
+            })?;
+            let me = status.header.map_or(0, |h| h.member_id);
+            if me != 0 && me == status.leader {
+                leader_at = Some(i);
+                break;
+            }
+        }
+        let i = leader_at.ok_or_else(|| format!("{:?}: no member says it leads", self.system))?;
+        self.grpc.rotate_left(i);
+        if !self.native.is_empty() {
+            self.native.rotate_left(i);
+        }
+        assert!(i < self.children.len(), "found among the members");
         Ok(())
     }
 

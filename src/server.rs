@@ -429,6 +429,9 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         cfg.auth_token_ttl,
     )));
     tokens.sync_enabled(&rec.backend);
+    // The leader raft last reported, read by the network actors to forward what only
+    // the leader answers without asking raft first.
+    let leader_hint = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Every actor but apply reaches LMDB through the store (online defrag swaps it). The
     // apply actor takes this one; no other clone may outlive the start, or a defragmented
     // file would stay open (and on disk) until exit.
@@ -467,6 +470,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             watch_progress_interval: cfg.watch_progress_notify_interval,
             snap_dir: cfg.snap_dir(),
             tokens: tokens.clone(),
+            leader_hint: leader_hint.clone(),
         };
         // Endpoints of the actors placed on this shard.
         let raft = if i == cfg.raft_shard {
@@ -482,6 +486,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     snap_dir: cfg.snap_dir(),
                     auto_promote_within: cfg.auto_promote_learners,
                     snapshot_count: cfg.snapshot_count,
+                    leader_hint: leader_hint.clone(),
                 },
                 peers.clone(),
                 peer_addrs.clone(),

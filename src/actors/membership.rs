@@ -132,24 +132,37 @@ impl Shard {
     /// A native connection to the current leader (kept while it leads), for the calls
     /// only the leader can answer.
     pub(super) async fn leader_client(&self) -> Result<Rc<crate::client::Client>, KvError> {
-        let (_, status) = self.status().await?;
-        if status.leader == 0 {
+        let leader = self.leader_hint();
+        if leader == 0 {
             return Err(KvError::NoLeader);
         }
-        if status.leader == self.settings.member_id {
+        if leader == self.settings.member_id {
             // Raft just made this member leader; the caller's next try is answered here.
             return Err(KvError::NotLeader);
         }
         if let Some((id, c)) = self.leader_conn.borrow().as_ref() {
-            if *id == status.leader {
+            if *id == leader {
                 return Ok(c.clone());
             }
         }
-        let leader = self.find(status.leader).map_err(|_| KvError::NoLeader)?;
-        let url = leader.native_urls.first().ok_or(KvError::NoLeader)?;
+        let member = self.find(leader).map_err(|_| KvError::NoLeader)?;
+        let url = member.native_urls.first().ok_or(KvError::NoLeader)?;
         let client = Rc::new(crate::client::Client::connect(url).await?);
-        *self.leader_conn.borrow_mut() = Some((status.leader, client.clone()));
+        *self.leader_conn.borrow_mut() = Some((leader, client.clone()));
         Ok(client)
+    }
+
+    /// The leader raft last reported (0 = none known).
+    pub(super) fn leader_hint(&self) -> u64 {
+        self.settings
+            .leader_hint
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Another member leads, as far as raft last said.
+    pub(super) fn follows_known_leader(&self) -> bool {
+        let leader = self.leader_hint();
+        leader != 0 && leader != self.settings.member_id
     }
 
     async fn conf_change(

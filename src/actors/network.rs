@@ -48,6 +48,9 @@ pub struct NetSettings {
     /// Where copies for Maintenance.Snapshot are written before they are streamed.
     pub snap_dir: std::path::PathBuf,
     pub tokens: Arc<crate::storage::auth::Tokens>,
+    /// The leader's member ID as raft last reported it (0 = none known); the raft
+    /// actor writes it.
+    pub leader_hint: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub struct Shard {
@@ -470,6 +473,15 @@ impl Shard {
     /// Renews a lease on the leader: its TTL, or 0 when it no longer exists.
     /// Keepalives renew the leader's timers (etcd forwards them to the leader too).
     pub async fn lease_keepalive(&self, lease: i64) -> Result<(Header, i64), KvError> {
+        // A follower that knows the leader forwards at once: its own lessor could only
+        // say NotLeader. A stale hint (the leader just changed) falls through to asking
+        // here.
+        if self.follows_known_leader() {
+            match self.forward_keepalive(lease).await {
+                Err(KvError::NotLeader | KvError::NoLeader) => {}
+                other => return other,
+            }
+        }
         let id = self.next_id();
         match self
             .call_lessor(id, ToLessor::KeepAlive { id, lease })
@@ -477,13 +489,15 @@ impl Shard {
         {
             Ok(LeaseReply::KeepAlive(ttl)) => Ok((self.current_header()?, ttl)),
             Ok(_) => Err(KvError::Internal("unexpected keepalive reply".into())),
-            Err(KvError::NotLeader) => {
-                let r = self.leader_client().await?.lease_keepalive(lease).await;
-                self.forget_leader_conn_on(&r);
-                r
-            }
+            Err(KvError::NotLeader) => self.forward_keepalive(lease).await,
             Err(e) => Err(e),
         }
+    }
+
+    async fn forward_keepalive(&self, lease: i64) -> Result<(Header, i64), KvError> {
+        let r = self.leader_client().await?.lease_keepalive(lease).await;
+        self.forget_leader_conn_on(&r);
+        r
     }
 
     pub async fn lease_time_to_live(

@@ -66,6 +66,7 @@ pub struct RaftActor {
     next_read_ctx: u64,
     ticks: u64,
     leader: u64,
+    leader_hint: std::sync::Arc<std::sync::atomic::AtomicU64>,
     leading: bool,
     wal_stats: crate::model::WalStats,
     /// Leader transfers in progress: (request, target, tick started).
@@ -83,6 +84,8 @@ pub struct RaftSetup {
     /// Promote learners within this many entries of the leader (0 = never).
     pub auto_promote_within: u64,
     pub snapshot_count: u64,
+    /// Where the leader's ID is published for the network actors.
+    pub leader_hint: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RaftActor {
@@ -148,6 +151,7 @@ impl RaftActor {
             next_read_ctx: 1,
             ticks: 0,
             leader: 0,
+            leader_hint: setup.leader_hint,
             leading: false,
             wal_stats: Default::default(),
             transfers: Vec::new(),
@@ -610,6 +614,8 @@ impl RaftActor {
             let mut rd = self.node.ready();
             if let Some(ss) = rd.ss() {
                 self.leader = ss.leader_id;
+                self.leader_hint
+                    .store(ss.leader_id, std::sync::atomic::Ordering::Relaxed);
                 let leading = ss.raft_state == StateRole::Leader;
                 if leading {
                     tracing::info!(term = self.node.raft.term, "became leader");
