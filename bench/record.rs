@@ -513,8 +513,17 @@ pub fn row(r: &Record) -> String {
         Some(e) => format!("  errors {} (first: {e})", r.errors),
         None => String::new(),
     };
+    // Watch runs: the round trips of the puts whose events were measured.
+    let puts = match (r.extra.get("put_p50_ms"), r.extra.get("put_p99_ms")) {
+        (Some(p50), Some(p99)) => format!(
+            "  puts p50 {:.3} p99 {:.3} ms",
+            p50.as_f64().unwrap_or(f64::NAN),
+            p99.as_f64().unwrap_or(f64::NAN)
+        ),
+        _ => String::new(),
+    };
     format!(
-        "{:<34} {:<14} ok {:<8} {:>10.0}/s  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms{server}{errors}",
+        "{:<34} {:<14} ok {:<8} {:>10.0}/s  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms{puts}{server}{errors}",
         r.label, r.target, r.ok, r.per_s, r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.max_ms
     )
 }

@@ -368,22 +368,91 @@ pub fn goals_table(groups: &[Group], cx: &GoalContext) -> String {
             }
         }
     }
-    if let Some(g) = groups
-        .iter()
-        .find(|g| g.workload == "watch" && g.label.contains(" 1000 watchers"))
-    {
-        if let (Some(c), Some(e)) = (g.get(Target::CorekvGrpc), g.get(Target::Etcd)) {
-            let met = c.per_s >= 5.0 * e.per_s && c.p(0.99) <= 2.0;
-            let _ = writeln!(
-                s,
-                "| watch, 1000 watchers: ≥ 5× etcd's events/s, p99 ≤ 2 ms | {:.2}×, p99 {:.2} ms | {} |",
-                c.per_s / e.per_s.max(1e-9),
-                c.p(0.99),
-                verdict(met)
-            );
-        }
+    if let Some(row) = watch_goal(groups) {
+        s.push_str(&row);
     }
     s
+}
+
+/// The watch goal's p99 bound for corekv.
+const WATCH_GOAL_P99_MS: f64 = 2.0;
+/// etcd's reference figure pairs its 207k events/s with p99 12 ms (REFERENCE.md): etcd is
+/// credited with the best rate it delivers within that.
+const ETCD_WATCH_REFERENCE_P99_MS: f64 = 12.0;
+
+/// The best events/s `t` delivered on the paced 1000-watcher rows with p99 within
+/// `p99_ms`, with that row's p99; `None` if no row kept within it.
+fn best_paced_watch(groups: &[Group], t: Target, p99_ms: f64) -> Option<(f64, f64)> {
+    groups
+        .iter()
+        .filter(|g| g.workload == "watch-latency" && g.label.contains(" 1000 watchers"))
+        .filter_map(|g| g.get(t))
+        .filter(|m| m.errors == 0 && m.p(0.99) <= p99_ms)
+        .map(|m| (m.per_s, m.p(0.99)))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// Issue 5's "≥ 5× etcd's events/s at 1000 watchers with p99 ≤ 2 ms", read off the paced
+/// rows: corekv's best rate within p99 2 ms ÷ etcd's best within its reference 12 ms. If
+/// etcd kept within 12 ms at no offered rate, its capacity is below the slowest rate
+/// offered, so the ratio is at least corekv's ÷ that. The unpaced row's ratio is shown
+/// beside it (as fast as the writers go, latency is queueing).
+fn watch_goal(groups: &[Group]) -> Option<String> {
+    let paced: Vec<&Group> = groups
+        .iter()
+        .filter(|g| g.workload == "watch-latency" && g.label.contains(" 1000 watchers"))
+        .collect();
+    let unpaced = groups
+        .iter()
+        .find(|g| g.workload == "watch" && g.label.contains(" 1000 watchers"))
+        .and_then(|g| Some((g.get(Target::CorekvGrpc)?, g.get(Target::Etcd)?)))
+        .map_or(String::new(), |(c, e)| {
+            format!(
+                "; unpaced: {:.2}× at p99 {:.2} ms",
+                c.per_s / e.per_s.max(1e-9),
+                c.p(0.99)
+            )
+        });
+    if paced.is_empty() {
+        return None;
+    }
+    let goal = format!(
+        "watch, 1000 watchers: ≥ 5× etcd's events/s, p99 ≤ {WATCH_GOAL_P99_MS} ms (paced rows: \
+         corekv's best rate within p99 {WATCH_GOAL_P99_MS} ms ÷ etcd's within {ETCD_WATCH_REFERENCE_P99_MS} ms)"
+    );
+    let corekv = best_paced_watch(groups, Target::CorekvGrpc, WATCH_GOAL_P99_MS);
+    let etcd = best_paced_watch(groups, Target::Etcd, ETCD_WATCH_REFERENCE_P99_MS);
+    let slowest_etcd = paced
+        .iter()
+        .filter_map(|g| g.get(Target::Etcd))
+        .map(|m| m.per_s)
+        .min_by(f64::total_cmp);
+    let (measured, met) = match (corekv, etcd, slowest_etcd) {
+        (None, _, _) => (
+            format!("corekv kept p99 ≤ {WATCH_GOAL_P99_MS} ms at no offered rate{unpaced}"),
+            false,
+        ),
+        (Some((c, cp)), Some((e, ep)), _) => (
+            format!(
+                "{:.2}×: corekv {} events/s (p99 {cp:.2} ms) ÷ etcd {} (p99 {ep:.2} ms){unpaced}",
+                c / e.max(1e-9),
+                rate(c),
+                rate(e)
+            ),
+            c >= 5.0 * e,
+        ),
+        (Some((c, cp)), None, Some(slowest)) => (
+            format!(
+                "> {:.2}×: corekv {} events/s (p99 {cp:.2} ms); etcd kept p99 ≤ {ETCD_WATCH_REFERENCE_P99_MS} ms at no rate offered (slowest: {}){unpaced}",
+                c / slowest.max(1e-9),
+                rate(c),
+                rate(slowest)
+            ),
+            c >= 5.0 * slowest,
+        ),
+        (Some(_), None, None) => return None,
+    };
+    Some(format!("| {goal} | {measured} | {} |\n", verdict(met)))
 }
 
 pub fn dataset_tag(keys: u64) -> String {
@@ -553,4 +622,77 @@ pub fn plot_throughput(path: &Path, groups: &[&Group]) -> PlotResult {
         .draw()
         .map_err(perr)?;
     root.present().map_err(perr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A merged result whose every sample took `p99_ms`.
+    fn merged(target: Target, per_s: f64, p99_ms: f64) -> Merged {
+        let mut hist = new_histogram();
+        hist.record((p99_ms * 1000.0) as u64)
+            .expect("within the histogram's bounds");
+        Merged {
+            target,
+            hist,
+            per_s,
+            rounds: vec![per_s],
+            errors: 0,
+            first_error: None,
+            cpu_us_per_op: None,
+            rss_bytes: None,
+            fsync_batch: None,
+            bytes_per_watcher: None,
+        }
+    }
+
+    /// A paced row: (etcd rate, etcd p99), (corekv rate, corekv p99).
+    fn paced(puts_per_s: u64, etcd: (f64, f64), corekv: (f64, f64)) -> Group {
+        Group {
+            label: format!("watch-latency, 1000 watchers, {puts_per_s} puts/s"),
+            workload: "watch-latency".into(),
+            clients: None,
+            members: 1,
+            by_target: vec![
+                merged(Target::Etcd, etcd.0, etcd.1),
+                merged(Target::CorekvGrpc, corekv.0, corekv.1),
+            ],
+        }
+    }
+
+    #[test]
+    fn watch_goal_takes_each_systems_best_rate_within_its_bound() {
+        let groups = vec![
+            paced(200, (200e3, 6.0), (200e3, 1.5)),
+            paced(500, (500e3, 40.0), (500e3, 1.9)),
+            paced(1000, (990e3, 90.0), (1000e3, 4.0)),
+        ];
+        let row = watch_goal(&groups).expect("paced rows give a goal row");
+        // corekv 500k within 2 ms, etcd 200k within 12 ms: 2.5x, not met.
+        assert!(row.contains("| 2.50×: corekv 500,000"), "{row}");
+        assert!(row.ends_with("| **not met** |\n"), "{row}");
+    }
+
+    #[test]
+    fn watch_goal_is_a_lower_bound_when_etcd_never_keeps_within_its_bound() {
+        let groups = vec![
+            paced(200, (200e3, 20.0), (200e3, 1.0)),
+            paced(1000, (900e3, 90.0), (1000e3, 1.8)),
+        ];
+        let row = watch_goal(&groups).expect("paced rows give a goal row");
+        assert!(row.contains("> 5.00×: corekv 1,000,000"), "{row}");
+        assert!(row.ends_with("| met |\n"), "{row}");
+    }
+
+    #[test]
+    fn watch_goal_is_not_met_when_corekv_never_keeps_within_2_ms() {
+        let groups = vec![paced(200, (200e3, 6.0), (200e3, 2.5))];
+        let row = watch_goal(&groups).expect("paced rows give a goal row");
+        assert!(
+            row.contains("corekv kept p99 ≤ 2 ms at no offered rate"),
+            "{row}"
+        );
+        assert!(row.ends_with("| **not met** |\n"), "{row}");
+    }
 }

@@ -318,6 +318,8 @@ async fn run_async(
         let key = key.clone();
         writers.push(tokio::spawn(async move {
             let mut kv = pb::kv_client::KvClient::new(ch);
+            // The puts' own round trips: an event cannot arrive before its put is durable.
+            let mut put_hist = new_histogram();
             for i in 0..n {
                 if stopped() {
                     break;
@@ -334,17 +336,19 @@ async fn run_async(
                     value,
                     ..Default::default()
                 };
+                let sent = Instant::now();
                 if kv.put(put).await.is_err() {
-                    return false;
+                    return None;
                 }
+                let _ = put_hist.record((sent.elapsed().as_micros() as u64).max(1));
             }
-            true
+            Some(put_hist)
         }));
     }
+    let mut puts_hist = new_histogram();
     for wr in writers {
-        if !wr.await.map_err(|e| e.to_string())? {
-            return Err("put failed".into());
-        }
+        let h = wr.await.map_err(|e| e.to_string())?.ok_or("put failed")?;
+        puts_hist.add(&h).map_err(|e| e.to_string())?;
     }
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while received.load(Ordering::Relaxed) < expected_events
@@ -383,6 +387,8 @@ async fn run_async(
         hist: all,
         extra: serde_json::json!({
             "events": got, "expected": expected_events, "rss_bytes_per_watcher": per_watcher,
+            "put_p50_ms": crate::record::ms(&puts_hist, 0.5),
+            "put_p99_ms": crate::record::ms(&puts_hist, 0.99),
         }),
     })
 }
