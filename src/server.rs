@@ -694,6 +694,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let gateway = crate::api::v3rpc::Gateway::new(
         bridge_txs,
         cfg.raft_shard,
+        cfg.apply_shard,
         cfg.max_request_bytes as usize,
         store.clone(),
         tokens,

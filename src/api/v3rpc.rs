@@ -42,6 +42,8 @@ struct GatewayInner {
     shards: Vec<mpsc::Sender<BridgeRequest>>,
     /// Writes go to the shard of the raft actor: one cross-shard hop fewer.
     raft_shard: usize,
+    /// Where the lessor runs: keepalives and lease queries go there directly.
+    apply_shard: usize,
     next: AtomicUsize,
     max_request_bytes: usize,
 }
@@ -73,12 +75,13 @@ impl Gateway {
     pub fn new(
         shards: Vec<mpsc::Sender<BridgeRequest>>,
         raft_shard: usize,
+        apply_shard: usize,
         max_request_bytes: usize,
         backend: crate::storage::backend::Store,
         tokens: Arc<crate::storage::auth::Tokens>,
         bcrypt_cost: u32,
     ) -> Gateway {
-        assert!(raft_shard < shards.len());
+        assert!(raft_shard < shards.len() && apply_shard < shards.len());
         Gateway {
             inner: Arc::new(GatewayInner {
                 backend,
@@ -86,6 +89,7 @@ impl Gateway {
                 bcrypt_cost,
                 shards,
                 raft_shard,
+                apply_shard,
                 next: AtomicUsize::new(0),
                 max_request_bytes,
             }),
@@ -102,6 +106,10 @@ impl Gateway {
             BridgeRequest::Write(..)
             | BridgeRequest::LeaseGrant(..)
             | BridgeRequest::LeaseRevoke(..) => self.inner.raft_shard,
+            // The lessor answers these: elsewhere they would cross to its shard and back.
+            BridgeRequest::LeaseKeepAlive(..)
+            | BridgeRequest::LeaseTimeToLive(..)
+            | BridgeRequest::LeaseList(..) => self.inner.apply_shard,
             _ => self.pick_shard(),
         };
         let mut shard = self.inner.shards[n].clone();
