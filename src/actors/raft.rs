@@ -65,7 +65,7 @@ pub struct RaftActor {
     inflight_reads: HashMap<u64, (Vec<ReqId>, u64)>,
     next_read_ctx: u64,
     ticks: u64,
-    leader: u64,
+    /// The leader raft last reported (0 = none known), published for the network actors.
     leader_hint: std::sync::Arc<std::sync::atomic::AtomicU64>,
     leading: bool,
     wal_stats: crate::model::WalStats,
@@ -150,7 +150,6 @@ impl RaftActor {
             inflight_reads: HashMap::new(),
             next_read_ctx: 1,
             ticks: 0,
-            leader: 0,
             leader_hint: setup.leader_hint,
             leading: false,
             wal_stats: Default::default(),
@@ -214,6 +213,10 @@ impl RaftActor {
             let _ = futures::SinkExt::send(&mut tx, RaftInput::SnapshotMade(made)).await;
         })
         .detach();
+    }
+
+    fn leader(&self) -> u64 {
+        self.leader_hint.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn is_learner(&self) -> bool {
@@ -295,7 +298,7 @@ impl RaftActor {
             RaftInput::Net(ToRaft::ReadIndex { id }) => self.new_reads.push(id),
             RaftInput::Net(ToRaft::Status { id }) => {
                 let st = RaftStatus {
-                    leader: self.leader,
+                    leader: self.leader(),
                     term: self.node.raft.term,
                     last_index: self.node.raft.raft_log.last_index(),
                     commit: self.node.raft.raft_log.committed,
@@ -491,7 +494,7 @@ impl RaftActor {
         }
         let now = self.ticks;
         let timeout = self.node.raft.election_timeout() as u64 * 2;
-        let leader = self.leader;
+        let leader = self.leader();
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.transfers)
             .into_iter()
             .partition(|(_, to, started)| *to == leader || now - started > timeout);
@@ -613,7 +616,6 @@ impl RaftActor {
             }
             let mut rd = self.node.ready();
             if let Some(ss) = rd.ss() {
-                self.leader = ss.leader_id;
                 self.leader_hint
                     .store(ss.leader_id, std::sync::atomic::Ordering::Relaxed);
                 let leading = ss.raft_state == StateRole::Leader;
