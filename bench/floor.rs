@@ -92,11 +92,14 @@ fn recv(s: &mut TcpStream) -> std::io::Result<u64> {
 }
 
 /// The peer went away: EOF, or a reset when it closed with our last answer unread (the
-/// leader never reads the slower follower's final acknowledgement).
+/// leader never reads the slower follower's final acknowledgement), or a broken pipe
+/// when that follower was still sending it.
 fn closed(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
     )
 }
 
@@ -112,7 +115,11 @@ fn serve(mut s: TcpStream, mut log: Option<Log>) -> Result<(), String> {
         if let Some(log) = &mut log {
             log.append()?;
         }
-        send(&mut s, seq).map_err(|e| e.to_string())?;
+        match send(&mut s, seq) {
+            Ok(()) => {}
+            Err(e) if closed(&e) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 

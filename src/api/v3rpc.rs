@@ -738,7 +738,9 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result
         .spawn(move || {
             // One thread: more tokio workers compete with the pinned shards (measured:
             // 100 clients 20k puts/s with one, 15k with two on the 2-core dev VM).
-            let rt = match tokio::runtime::Builder::new_current_thread()
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("corekv-grpc")
                 .enable_all()
                 .build()
             {
