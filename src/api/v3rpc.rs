@@ -738,8 +738,11 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result
         .spawn(move || {
             // One thread: more tokio workers compete with the pinned shards (measured:
             // 100 clients 20k puts/s with one, 15k with two on the 2-core dev VM).
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+            // Current-thread, not a one-worker multi-thread runtime: the latter saves the
+            // eventfd write per wake-up from a shard but switched context more often and
+            // lost 4-22% of put throughput at 1000 clients (1 and 3 members, interleaved
+            // pairs, 2026-11-22).
+            let rt = match tokio::runtime::Builder::new_current_thread()
                 .thread_name("corekv-grpc")
                 .enable_all()
                 .build()
