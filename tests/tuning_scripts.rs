@@ -127,3 +127,62 @@ fn heartbeat_script_measures_failover() {
     }
     number(cells[6]);
 }
+
+/// Processes holding /dev/cpu_dma_latency open (each holds a PM QoS request).
+fn qos_holders() -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    procs
+        .flatten()
+        .filter_map(|p| std::fs::read_dir(p.path().join("fd")).ok())
+        .flat_map(|fds| fds.flatten())
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/cpu_dma_latency"))
+        })
+        .count()
+}
+
+#[test]
+fn idle_script_measures_one_and_three_members() {
+    let holders_before = qos_holders();
+    let rows = run_script(
+        "idle.sh",
+        &[
+            "--targets",
+            "corekv",
+            "--modes",
+            "default dma0",
+            "--members",
+            "1 3",
+            "--total",
+            "60",
+        ],
+        "corekv",
+    );
+    let writable = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .is_ok();
+    let modes: &[&str] = if writable {
+        &["default", "dma0"]
+    } else {
+        &["default"]
+    };
+    for mode in modes {
+        for members in ["1", "3"] {
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&format!("| {mode} | corekv | {members} |")))
+                .unwrap_or_else(|| panic!("no row for {mode}, {members} members in {rows:#?}"));
+            let cells: Vec<&str> = row.split('|').collect();
+            // | mode | target | members | puts/s | p50 | p90 | p99 | polling % |
+            assert!(number(cells[4]) > 0.0, "{row}");
+            let (p50, p90, p99) = (number(cells[5]), number(cells[6]), number(cells[7]));
+            assert!(p50 > 0.0 && p50 <= p90 && p90 <= p99, "{row}");
+            number(cells[8].trim().trim_end_matches('%'));
+        }
+    }
+    // The PM QoS request ends with the script.
+    assert_eq!(qos_holders(), holders_before);
+}

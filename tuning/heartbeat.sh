@@ -32,9 +32,8 @@ while [ $# -gt 0 ]; do
     *) echo "heartbeat.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-bin=${COREKV_BIN_DIR:-target/release}  # where corekv and corekv-bench are
-[ -x "$bin/corekv" ] || { echo "heartbeat.sh: $bin/corekv missing: cargo build --release" >&2; exit 1; }
-[ -n "$dir" ] || dir=$(mktemp -d /var/tmp/corekv-heartbeat.XXXXXX)
+. tuning/common.sh
+tuning_setup heartbeat.sh "$dir" corekv
 
 declare -a pids=(0 0 0)
 hogs=""

@@ -31,12 +31,8 @@ while [ $# -gt 0 ]; do
     *) echo "ionice.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-bin=${COREKV_BIN_DIR:-target/release}  # where corekv and corekv-bench are
-for b in corekv corekv-bench; do
-  [ -x "$bin/$b" ] || { echo "ionice.sh: $bin/$b missing: cargo build --release" >&2; exit 1; }
-done
-[ -n "$dir" ] || dir=$(mktemp -d /var/tmp/corekv-ionice.XXXXXX)
-mkdir -p "$dir"
+. tuning/common.sh
+tuning_setup ionice.sh "$dir" corekv corekv-bench
 dev=$(df --output=source "$dir" | tail -1)
 sched=$(cat "/sys/block/$(basename "$dev" | sed 's/[0-9]*$//')/queue/scheduler" 2>/dev/null || echo unknown)
 
