@@ -108,7 +108,8 @@ enum Cmd {
         #[command(flatten)]
         load: lease::KeepAliveArgs,
     },
-    /// 4 KiB O_DIRECT write + fdatasync, into a pre-zeroed file and into a growing one.
+    /// 4 KiB O_DIRECT write + fdatasync: into a pre-zeroed file, a growing one, and a
+    /// pre-zeroed one after 1 ms idle gaps.
     FsyncFloor(FloorArgs),
     /// The least a durable put costs here: loopback round trip, and a 4 KiB fdatasync'ed
     /// write on 1 member and on a 3-member quorum, with threads as members (no server).
