@@ -1,6 +1,6 @@
 //! Watch and leases on a 3-member cluster: a watcher on a follower sees every write in
-//! order, once, without gaps while the leader is SIGKILLed; keepalives sent to a
-//! follower reach the leader, and a kept-alive lease survives a leader change.
+//! order, once, without gaps while the leader is SIGKILLed; keepalives and time-to-live
+//! sent to a follower reach the leader, and a kept-alive lease survives a leader change.
 
 mod common;
 
@@ -122,6 +122,13 @@ fn keepalive_through_a_follower_keeps_a_lease_across_a_leader_change() {
         "up",
         "lease expired although kept alive via a follower"
     );
+    // Time-to-live asked of the follower is the leader's lessor's answer.
+    let ttl = |c: &Cluster| c.nodes[f].ok(&["lease", "timetolive", &id, "--keys"]);
+    let t = ttl(&c);
+    assert!(
+        t.contains("granted with TTL(3s)") && t.contains("attached keys([svc/a])"),
+        "{t}"
+    );
     c.nodes[leader].kill9();
     c.leader(Duration::from_secs(10)).expect("new leader");
     std::thread::sleep(Duration::from_secs(5));
@@ -131,6 +138,8 @@ fn keepalive_through_a_follower_keeps_a_lease_across_a_leader_change() {
         "up",
         "kept-alive lease lost across the leader change"
     );
+    let t = ttl(&c);
+    assert!(t.contains("attached keys([svc/a])"), "{t}");
     // Keepalives stop: the key goes within TTL + an election timeout (+ a tick).
     let _ = keeper.kill();
     let _ = keeper.wait();

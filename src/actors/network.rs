@@ -473,55 +473,74 @@ impl Shard {
     /// Renews a lease on the leader: its TTL, or 0 when it no longer exists.
     /// Keepalives renew the leader's timers (etcd forwards them to the leader too).
     pub async fn lease_keepalive(&self, lease: i64) -> Result<(Header, i64), KvError> {
-        // A follower that knows the leader forwards at once: its own lessor could only
-        // say NotLeader. A stale hint (the leader just changed) falls through to asking
-        // here.
-        if self.follows_known_leader() {
-            match self.forward_keepalive(lease).await {
-                Err(KvError::NotLeader | KvError::NoLeader) => {}
-                other => return other,
+        let local = async {
+            let id = self.next_id();
+            match self
+                .call_lessor(id, ToLessor::KeepAlive { id, lease })
+                .await?
+            {
+                LeaseReply::KeepAlive(ttl) => Ok((self.current_header()?, ttl)),
+                _ => Err(KvError::Internal("unexpected keepalive reply".into())),
             }
-        }
-        let id = self.next_id();
-        match self
-            .call_lessor(id, ToLessor::KeepAlive { id, lease })
-            .await
-        {
-            Ok(LeaseReply::KeepAlive(ttl)) => Ok((self.current_header()?, ttl)),
-            Ok(_) => Err(KvError::Internal("unexpected keepalive reply".into())),
-            Err(KvError::NotLeader) => self.forward_keepalive(lease).await,
-            Err(e) => Err(e),
-        }
+        };
+        self.leader_answers(local, || async {
+            self.leader_client().await?.lease_keepalive(lease).await
+        })
+        .await
     }
 
-    async fn forward_keepalive(&self, lease: i64) -> Result<(Header, i64), KvError> {
-        let r = self.leader_client().await?.lease_keepalive(lease).await;
-        self.forget_leader_conn_on(&r);
-        r
-    }
-
+    /// A lease's remaining TTL (and keys), from the leader's lessor as etcd answers it.
     pub async fn lease_time_to_live(
         &self,
         lease: i64,
         keys: bool,
     ) -> Result<(Header, LeaseTimeToLive), KvError> {
-        let id = self.next_id();
-        match self
-            .call_lessor(id, ToLessor::TimeToLive { id, lease, keys })
-            .await
-        {
-            Ok(LeaseReply::TimeToLive(t)) => Ok((self.current_header()?, t)),
-            Ok(_) => Err(KvError::Internal("unexpected time-to-live reply".into())),
+        let local = async {
+            let id = self.next_id();
+            match self
+                .call_lessor(id, ToLessor::TimeToLive { id, lease, keys })
+                .await?
+            {
+                LeaseReply::TimeToLive(t) => Ok((self.current_header()?, t)),
+                _ => Err(KvError::Internal("unexpected time-to-live reply".into())),
+            }
+        };
+        self.leader_answers(local, || async {
+            self.leader_client()
+                .await?
+                .lease_time_to_live(lease, keys)
+                .await
+        })
+        .await
+    }
+
+    /// A call only the leader's lessor answers. A follower that knows the leader forwards
+    /// at once (its own lessor could only say NotLeader); a stale hint (the leader just
+    /// changed) falls through to `local`, and a NotLeader from it forwards.
+    async fn leader_answers<T, F, Fut>(
+        &self,
+        local: impl std::future::Future<Output = Result<T, KvError>>,
+        forward: F,
+    ) -> Result<T, KvError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, KvError>>,
+    {
+        if self.follows_known_leader() {
+            let r = forward().await;
+            self.forget_leader_conn_on(&r);
+            match r {
+                Err(KvError::NotLeader | KvError::NoLeader) => {}
+                other => return other,
+            }
+        }
+        match local.await {
             Err(KvError::NotLeader) => {
-                let r = self
-                    .leader_client()
-                    .await?
-                    .lease_time_to_live(lease, keys)
-                    .await;
+                let r = forward().await;
                 self.forget_leader_conn_on(&r);
                 r
             }
-            Err(e) => Err(e),
+            other => other,
         }
     }
 

@@ -1073,19 +1073,13 @@ impl SleepableRing {
             // We have now prepared the SQE that links the two rings. We now need to submit
             // it successfully to be able to safely sleep.
 
-            // corekv: the link is submitted and the wait begun in one io_uring_enter
-            // (upstream: one to submit, one to wait). The kernel waits only once the
-            // SQE is submitted, and reports the submission even if the wait is
-            // interrupted; a failed submission returns at once, as before.
-            let submitted = self
-                .ring
-                .submit_sqes_and_wait(1)
-                .map(|n| n as usize)
+            if self
+                .submit_sqes()
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?;
-            self.in_kernel += submitted;
-            if submitted != 1 {
+                .or_else(Reactor::intr_ok)?
+                != 1
+            {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
                 // Waiting here is unsafe because we could end up waiting much longer than
                 // needed.
@@ -1093,8 +1087,14 @@ impl SleepableRing {
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings were linked, and we slept until a completion.
-                Ok(1)
+                // The rings are linked. Goodnight!
+                self.ring
+                    .cq()
+                    .wait(1)
+                    .map(|_| 1)
+                    .or_else(Reactor::busy_ok)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1223,8 +1223,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    // corekv: when the timer in `latency_preemption_timeout_src` fires.
-    latency_timer_deadline: Cell<Option<std::time::Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1356,7 +1354,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_timer_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1818,25 +1815,22 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // corekv: upstream cancelled the latency-ring timer and re-armed both preemption
-        // timers here on every loop turn: five submissions per turn, and the
-        // cancellations' completions landed on the latency ring, which made
-        // `need_preempt` true and cost the next turn too. A timer still pending is now
-        // kept (`ensure_latency_timer`); one that fires early costs one loop turn or one
-        // wake-up, which is what the cancellations were avoiding at a far higher price.
-        let throughput_pending = self
-            .throughput_preemption_timeout_src
-            .take()
-            .filter(|src| src.result().is_none());
-        match throughput_pending {
-            Some(src) => self.throughput_preemption_timeout_src.set(Some(src)),
-            None => self.throughput_preemption_timeout_src.set(Some(
-                main_ring.prepare_throughput_preemption_timer(
-                    self.ring_depth() as u32,
-                    self.eventfd_src.raw(),
-                ),
-            )),
-        }
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
+
+        // Schedule the throughput-based timeout immediately: it won't matter if we end
+        // up sleeping.
+        self.throughput_preemption_timeout_src.replace(Some(
+            main_ring.prepare_throughput_preemption_timer(
+                self.ring_depth() as u32,
+                self.eventfd_src.raw(),
+            ),
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1858,9 +1852,9 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
-                if self.ensure_latency_timer(&mut lat_ring, dur) {
-                    assert!(flush_rings!(lat_ring)? > 0);
-                }
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1887,9 +1881,9 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if self.ensure_latency_timer(&mut lat_ring, preempt) {
-                flush_rings!(lat_ring, main_ring)?;
-            }
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            flush_rings!(lat_ring, main_ring)?;
         }
 
         // A Note about `need_preempt`:
@@ -1900,33 +1894,6 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
-    }
-
-    /// corekv: makes sure a latency-ring timer is pending that fires within `d` from now
-    /// (give or take `LATENCY_TIMER_SLACK`); true if it had to arm a new one. A pending
-    /// timer that fires sooner is kept: it preempts or wakes the executor early, which
-    /// costs one loop turn; cancelling and re-arming cost two submissions every turn.
-    fn ensure_latency_timer(&self, lat_ring: &mut SleepableRing, d: Duration) -> bool {
-        const LATENCY_TIMER_SLACK: Duration = Duration::from_micros(50);
-        let wanted = std::time::Instant::now() + d;
-        let pending = self
-            .latency_preemption_timeout_src
-            .take()
-            .filter(|src| src.result().is_none());
-        let keep = match (&pending, self.latency_timer_deadline.get()) {
-            (Some(_), Some(deadline)) => deadline <= wanted + LATENCY_TIMER_SLACK,
-            _ => false,
-        };
-        if keep {
-            self.latency_preemption_timeout_src.set(pending);
-            return false;
-        }
-        // Dropping a timer still in flight cancels it.
-        drop(pending);
-        self.latency_preemption_timeout_src
-            .set(Some(lat_ring.prepare_latency_preemption_timer(d)));
-        self.latency_timer_deadline.set(Some(wanted));
-        true
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
