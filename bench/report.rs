@@ -320,13 +320,19 @@ pub fn goals_table(groups: &[Group], cx: &GoalContext) -> String {
                 m.p(0.99) / e.p(0.99).max(1e-9)
             )
         };
-        let met = c.per_s >= 4.0 * e.per_s && c.p(0.99) <= e.p(0.99) / 4.0;
-        let _ = writeln!(
-            s,
-            "| put, {clients} clients: ≥ 4× etcd's rate and ≤ ¼ of its p99 | {} | {} |",
-            both(g, &f),
-            verdict(met)
-        );
+        // Clusters at 1000 clients: issue 4's goal (rate only); otherwise issue 6's.
+        let (goal, met) = if cx.members > 1 && clients == 1000 {
+            (
+                format!("put, {clients} clients: ≥ 3× etcd's rate"),
+                c.per_s >= 3.0 * e.per_s,
+            )
+        } else {
+            (
+                format!("put, {clients} clients: ≥ 4× etcd's rate and ≤ ¼ of its p99"),
+                c.per_s >= 4.0 * e.per_s && c.p(0.99) <= e.p(0.99) / 4.0,
+            )
+        };
+        let _ = writeln!(s, "| {goal} | {} | {} |", both(g, &f), verdict(met));
     }
     for w in ["range-l", "range-s"] {
         let Some(g) = find(groups, w, Some(100)) else {
@@ -694,5 +700,48 @@ mod tests {
             "{row}"
         );
         assert!(row.ends_with("| **not met** |\n"), "{row}");
+    }
+
+    /// A put row at `clients` on `members`: (etcd rate, p99), (corekv gRPC rate, p99).
+    fn put(members: u8, clients: u64, etcd: (f64, f64), corekv: (f64, f64)) -> Group {
+        Group {
+            label: format!("put, {clients} clients"),
+            workload: "put".into(),
+            clients: Some(clients),
+            members,
+            by_target: vec![
+                merged(Target::Etcd, etcd.0, etcd.1),
+                merged(Target::CorekvGrpc, corekv.0, corekv.1),
+            ],
+        }
+    }
+
+    fn context(members: u8) -> GoalContext {
+        GoalContext {
+            members,
+            fsync_floor_p50_ms: None,
+            durable_put_floor_p50_ms: None,
+            datasets: None,
+        }
+    }
+
+    #[test]
+    fn cluster_put_goal_at_1000_clients_is_three_times_etcds_rate() {
+        // 3.1x etcd's rate with a p99 only half etcd's: issue 4's goal holds on a cluster,
+        // the single node's (4x and a quarter of the p99) does not.
+        let cluster = goals_table(&[put(3, 1000, (10e3, 200.0), (31e3, 100.0))], &context(3));
+        assert!(
+            cluster.contains("| put, 1000 clients: ≥ 3× etcd's rate | 3.10× rate"),
+            "{cluster}"
+        );
+        assert!(cluster.contains("| met |"), "{cluster}");
+        let single = goals_table(&[put(1, 1000, (10e3, 200.0), (31e3, 100.0))], &context(1));
+        assert!(
+            single.contains("≥ 4× etcd's rate and ≤ ¼ of its p99"),
+            "{single}"
+        );
+        assert!(single.contains("| **not met** |"), "{single}");
+        let short = goals_table(&[put(3, 1000, (10e3, 200.0), (29e3, 10.0))], &context(3));
+        assert!(short.contains("| **not met** |"), "{short}");
     }
 }
