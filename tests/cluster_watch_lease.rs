@@ -1,6 +1,7 @@
 //! Watch and leases on a 3-member cluster: a watcher on a follower sees every write in
 //! order, once, without gaps while the leader is SIGKILLed; keepalives and time-to-live
-//! sent to a follower reach the leader, and a kept-alive lease survives a leader change.
+//! sent to a follower reach the leader, and a kept-alive lease survives a leader change;
+//! followers hear of each commit promptly, not with the next heartbeat.
 
 mod common;
 
@@ -159,5 +160,68 @@ fn keepalive_through_a_follower_keeps_a_lease_across_a_leader_change() {
     eprintln!(
         "lease expired {} ms after keepalives stopped",
         stopped.elapsed().as_millis()
+    );
+}
+
+/// The leader does not broadcast each new commit index ahead of its own reply (raft-rs's
+/// skip_bcast_commit): it tells a follower at once when that follower forwarded the put,
+/// and everyone else shortly after applying. Were either missing, followers would learn
+/// of commits only from heartbeats, here 500 ms apart: forwarded puts and a follower's
+/// watch events would then take 0-500 ms (250 on average) instead of a few.
+#[test]
+fn followers_learn_each_commit_without_waiting_for_a_heartbeat() {
+    const ROUNDS: usize = 20;
+    const BOUND: Duration = Duration::from_millis(250);
+    // Slower ones tolerated (a busy CI machine); with heartbeat-paced commits about half
+    // the rounds would be slower.
+    const SLOW_ALLOWED: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = ["--heartbeat-interval", "500", "--election-timeout", "5000"];
+    let mut c = Cluster::start(dir.path(), 171, 3, &slow);
+    let leader = c.leader(Duration::from_secs(30)).expect("leader");
+    let follower = (leader + 1) % 3;
+    let out_path = dir.path().join("watch.out");
+    let mut watch = Command::new(common::BIN)
+        .args(["watch", "fl", "--prefix", "--endpoints"])
+        .arg(c.nodes[follower].endpoint())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut put_ms = Vec::new();
+    let mut event_ms = Vec::new();
+    for i in 0..ROUNDS {
+        // A put forwarded by the follower returns once the follower has applied it.
+        let started = Instant::now();
+        c.nodes[follower].ok(&["put", &format!("fl-f{i:02}"), "v"]);
+        put_ms.push(started.elapsed());
+        // A put on the leader reaches the follower's watcher.
+        let key = format!("fl-l{i:02}");
+        c.nodes[leader].ok(&["put", &key, "v"]);
+        let acked = Instant::now();
+        let deadline = acked + Duration::from_secs(5);
+        while !std::fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .contains(&key)
+        {
+            assert!(Instant::now() < deadline, "event for {key} never arrived");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        event_ms.push(acked.elapsed());
+        // Well clear of the next put, whose append would carry the commit anyway.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    eprintln!("forwarded puts: {put_ms:?}\nfollower's events after the leader's ack: {event_ms:?}");
+    let over = |v: &[Duration]| v.iter().filter(|d| **d > BOUND).count();
+    assert!(
+        over(&put_ms) <= SLOW_ALLOWED,
+        "puts through a follower waited for heartbeats: {put_ms:?}"
+    );
+    assert!(
+        over(&event_ms) <= SLOW_ALLOWED,
+        "a follower's watcher waited for heartbeats: {event_ms:?}"
     );
 }

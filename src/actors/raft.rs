@@ -8,7 +8,9 @@ use super::*;
 use crate::cluster::MemberChange;
 use crate::storage::backend::Store;
 use crate::storage::raft_log::RaftLog;
-use ::raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, Snapshot, SnapshotMetadata};
+use ::raft::eraftpb::{
+    ConfChange, ConfChangeV2, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
+};
 use ::raft::{Config, RawNode, SnapshotStatus, StateRole};
 use futures::{FutureExt, StreamExt};
 use glommio::channels::shared_channel::ConnectedSender;
@@ -24,6 +26,8 @@ pub enum RaftInput {
     Peer(PeerEvent),
     /// A snapshot file for followers is ready (or could not be made).
     SnapshotMade(Result<(SnapshotMetadata, PathBuf), String>),
+    /// The commit index has waited COMMIT_FLUSH_DELAY for an append to carry it.
+    FlushCommit,
     Tick,
 }
 
@@ -34,6 +38,11 @@ const MAX_INPUTS_PER_TURN: usize = 8192;
 const READ_RETRY_TICKS: u64 = 2;
 /// ... and fails with a timeout after this many.
 const READ_TIMEOUT_TICKS: u64 = 50;
+
+/// How long a new commit index may wait on the leader for the next append to carry it
+/// before an append of its own tells the followers (see `flush_commit`). Puts forwarded by
+/// a follower do not wait: that follower is told at once.
+const COMMIT_FLUSH_DELAY: Duration = Duration::from_micros(1000);
 
 /// Entries kept in memory below a checkpoint, so a follower that was briefly away
 /// catches up from the log instead of a snapshot (etcd keeps 5000; fewer when
@@ -48,7 +57,7 @@ pub struct RaftActor {
     backend: Store,
     snap_dir: PathBuf,
     snapshot_running: bool,
-    snapshot_tx: futures::channel::mpsc::Sender<RaftInput>,
+    self_tx: futures::channel::mpsc::Sender<RaftInput>,
     auto_promote_within: u64,
     catch_up_entries: u64,
     to_wal: ConnectedSender<ToWal>,
@@ -71,6 +80,13 @@ pub struct RaftActor {
     wal_stats: crate::model::WalStats,
     /// Leader transfers in progress: (request, target, tick started).
     transfers: Vec<(ReqId, u64, u64)>,
+    /// The highest commit index sent to each peer (appends and heartbeats carry one).
+    commit_told: HashMap<u64, u64>,
+    /// Per follower, the last log index of a proposal it forwarded: it waits on the
+    /// commit to answer its client, so it is told as soon as the leader knows.
+    forwarded_upto: HashMap<u64, u64>,
+    /// A FlushCommit timer is pending.
+    flush_armed: bool,
 }
 
 pub struct RaftSetup {
@@ -95,7 +111,7 @@ impl RaftActor {
         to_apply: ConnectedSender<ToApply>,
         to_net: Vec<ConnectedSender<ToNet>>,
         transport: Transport,
-        snapshot_tx: futures::channel::mpsc::Sender<RaftInput>,
+        self_tx: futures::channel::mpsc::Sender<RaftInput>,
     ) -> Result<RaftActor, ::raft::Error> {
         let election_tick = (setup.election_ms / setup.heartbeat_ms).max(2) as usize;
         let cfg = Config {
@@ -112,6 +128,10 @@ impl RaftActor {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
+            // A new commit index reaches the followers after the leader has applied and
+            // answered (flush_commit), or with the next append, not in a message of its
+            // own ahead of the client's reply.
+            skip_bcast_commit: true,
             ..Default::default()
         };
         cfg.validate()?;
@@ -136,7 +156,7 @@ impl RaftActor {
             backend: setup.backend,
             snap_dir: setup.snap_dir,
             snapshot_running: false,
-            snapshot_tx,
+            self_tx,
             auto_promote_within: setup.auto_promote_within,
             catch_up_entries: setup.snapshot_count.min(MAX_CATCH_UP_ENTRIES),
             to_wal,
@@ -154,6 +174,9 @@ impl RaftActor {
             leading: false,
             wal_stats: Default::default(),
             transfers: Vec::new(),
+            commit_told: HashMap::new(),
+            forwarded_upto: HashMap::new(),
+            flush_armed: false,
         })
     }
 
@@ -191,6 +214,7 @@ impl RaftActor {
                 }
             }
             self.issue_reads();
+            self.flush_commit_to_forwarders();
             self.on_ready().await;
             self.maybe_make_snapshot();
         }
@@ -205,7 +229,7 @@ impl RaftActor {
         self.snapshot_running = true;
         let backend = self.backend.current();
         let dir = self.snap_dir.clone();
-        let mut tx = self.snapshot_tx.clone();
+        let mut tx = self.self_tx.clone();
         glommio::spawn_local(async move {
             let made = glommio::executor()
                 .spawn_blocking(move || crate::storage::snapshot::create(&backend, &dir))
@@ -269,8 +293,14 @@ impl RaftActor {
                 }
             }
             RaftInput::Peer(PeerEvent::Message(m)) => {
+                let forwarder =
+                    (self.leading && m.get_msg_type() == MessageType::MsgPropose).then_some(m.from);
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!("step: {e}");
+                } else if let Some(from) = forwarder {
+                    // Bounded by the membership: the transport drops other senders.
+                    let last = self.node.raft.raft_log.last_index();
+                    self.forwarded_upto.insert(from, last);
                 }
             }
             RaftInput::Peer(PeerEvent::Unreachable(to)) => self.node.report_unreachable(to),
@@ -331,7 +361,14 @@ impl RaftActor {
                     tracing::debug!("internal proposal dropped: {e}");
                 }
             }
-            RaftInput::Apply(ApplyToRaft::Applied(index)) => self.advance_applied(index),
+            RaftInput::Apply(ApplyToRaft::Applied(index)) => {
+                self.advance_applied(index);
+                self.arm_commit_flush();
+            }
+            RaftInput::FlushCommit => {
+                self.flush_armed = false;
+                self.flush_commit(|_, _| true);
+            }
             RaftInput::Apply(ApplyToRaft::Checkpointed { index, term: _ }) => {
                 self.advance_applied(index);
                 self.node
@@ -397,6 +434,75 @@ impl RaftActor {
         }
     }
 
+    /// Hands messages to the peer transport, noting the commit index each peer is told.
+    fn send_msgs(&mut self, msgs: Vec<Message>) {
+        for m in &msgs {
+            let told = self.commit_told.entry(m.to).or_insert(0);
+            *told = (*told).max(m.commit);
+        }
+        self.transport.send(msgs);
+    }
+
+    /// With skip_bcast_commit raft-rs tells followers a new commit index only with the
+    /// next append, so a put answered by the leader costs no extra round of messages
+    /// while the next put's append is coming anyway. Peers for which `wanted(id, told)`
+    /// holds and that have not been told the current commit index get an append now.
+    fn flush_commit(&mut self, wanted: impl Fn(u64, u64) -> bool) {
+        if !self.leading {
+            return;
+        }
+        let behind: Vec<u64> = self
+            .peers_behind()
+            .filter(|(id, told)| wanted(*id, *told))
+            .map(|(id, _)| id)
+            .collect();
+        for id in behind {
+            self.node.raft.send_append(id);
+        }
+    }
+
+    /// Peers not yet sent the current commit index, with the one they were sent.
+    fn peers_behind(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let committed = self.node.raft.raft_log.committed;
+        let self_id = self.node.raft.id;
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, _)| (*id, self.commit_told.get(id).copied().unwrap_or(0)))
+            .filter(move |(id, told)| *id != self_id && *told < committed)
+    }
+
+    /// Followers waiting on the commit of a proposal they forwarded are told at once.
+    fn flush_commit_to_forwarders(&mut self) {
+        if self.forwarded_upto.is_empty() {
+            return;
+        }
+        let committed = self.node.raft.raft_log.committed;
+        let waiting = std::mem::take(&mut self.forwarded_upto);
+        self.flush_commit(|id, told| waiting.get(&id).is_some_and(|upto| *upto > told));
+        // Still waiting: proposals not committed yet.
+        self.forwarded_upto = waiting
+            .into_iter()
+            .filter(|(_, upto)| *upto > committed)
+            .collect();
+    }
+
+    /// Everyone else (watchers and serializable reads on followers) learns the commit
+    /// index within COMMIT_FLUSH_DELAY once the leader has applied it.
+    fn arm_commit_flush(&mut self) {
+        if !self.leading || self.flush_armed || self.peers_behind().next().is_none() {
+            return;
+        }
+        self.flush_armed = true;
+        let mut tx = self.self_tx.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(COMMIT_FLUSH_DELAY).await;
+            let _ = futures::SinkExt::send(&mut tx, RaftInput::FlushCommit).await;
+        })
+        .detach();
+    }
+
     /// Sends the messages of every ready up to `number` (now durable).
     fn send_persisted_msgs(&mut self, number: u64) {
         while self
@@ -405,7 +511,7 @@ impl RaftActor {
             .is_some_and(|(n, _)| *n <= number)
         {
             if let Some((_, msgs)) = self.persisted_msgs.pop_front() {
-                self.transport.send(msgs);
+                self.send_msgs(msgs);
             }
         }
     }
@@ -624,6 +730,8 @@ impl RaftActor {
                 }
                 if leading != self.leading {
                     self.leading = leading;
+                    self.commit_told.clear();
+                    self.forwarded_upto.clear();
                     if self.to_apply.send(ToApply::Leader(leading)).await.is_err() {
                         return;
                     }
@@ -633,7 +741,7 @@ impl RaftActor {
             // (raft's parallel append); everything else waits for the WAL.
             let msgs = rd.take_messages();
             if !msgs.is_empty() {
-                self.transport.send(msgs);
+                self.send_msgs(msgs);
             }
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
@@ -656,17 +764,16 @@ impl RaftActor {
                         .await;
                 }
             }
+            // Handed to the apply actor after the WAL write is queued, so the write is
+            // on its way to the disk while LMDB applies.
             let committed = rd.take_committed_entries();
-            if !committed.is_empty() {
+            let to_apply = (!committed.is_empty()).then(|| {
                 let conf_states = self.apply_conf_changes(&committed);
-                let msg = ToApply::Committed {
+                ToApply::Committed {
                     entries: committed,
                     conf_states,
-                };
-                if self.to_apply.send(msg).await.is_err() {
-                    return;
                 }
-            }
+            });
             let number = rd.number();
             let persisted_msgs = rd.take_persisted_messages();
             let snapshot_marker = (!rd.snapshot().is_empty()).then(|| {
@@ -715,11 +822,16 @@ impl RaftActor {
             } else if self.last_sent_ready == self.last_persisted_ready {
                 // Nothing to write and nothing in flight: it is persisted already.
                 self.node.on_persist_ready(number);
-                self.transport.send(persisted_msgs);
+                self.send_msgs(persisted_msgs);
             } else {
                 self.empty_ready = number;
                 if !persisted_msgs.is_empty() {
                     self.persisted_msgs.push_back((number, persisted_msgs));
+                }
+            }
+            if let Some(msg) = to_apply {
+                if self.to_apply.send(msg).await.is_err() {
+                    return;
                 }
             }
         }
