@@ -10,4 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q --bin corekv --bin corekv-bench
-exec target/release/corekv-bench suite --spawn 1,3 --out bench/report --readme bench/README.md "$@"
+# Cargo puts the binaries under $CARGO_TARGET_DIR when that is set: run those, not an
+# older build left in ./target.
+exec "${CARGO_TARGET_DIR:-target}/release/corekv-bench" suite --spawn 1,3 --out bench/report --readme bench/README.md "$@"
