@@ -26,8 +26,8 @@ pub enum RaftInput {
     Peer(PeerEvent),
     /// A snapshot file for followers is ready (or could not be made).
     SnapshotMade(Result<(SnapshotMetadata, PathBuf), String>),
-    /// The commit index has waited COMMIT_FLUSH_DELAY for an append to carry it.
-    FlushCommit,
+    /// This commit index has waited COMMIT_FLUSH_DELAY for an append to carry it.
+    FlushCommit(u64),
     Tick,
 }
 
@@ -365,9 +365,11 @@ impl RaftActor {
                 self.advance_applied(index);
                 self.arm_commit_flush();
             }
-            RaftInput::FlushCommit => {
+            RaftInput::FlushCommit(index) => {
                 self.flush_armed = false;
-                self.flush_commit(|_, _| true);
+                self.flush_commit(|_, told| told < index);
+                // Committed since the timer was armed: wait for an append once more.
+                self.arm_commit_flush();
             }
             RaftInput::Apply(ApplyToRaft::Checkpointed { index, term: _ }) => {
                 self.advance_applied(index);
@@ -489,16 +491,19 @@ impl RaftActor {
     }
 
     /// Everyone else (watchers and serializable reads on followers) learns the commit
-    /// index within COMMIT_FLUSH_DELAY once the leader has applied it.
+    /// index within COMMIT_FLUSH_DELAY once the leader has applied it (twice that if it
+    /// moved while the timer ran). Under load the appends sent meanwhile carry it, and
+    /// the timer sends nothing.
     fn arm_commit_flush(&mut self) {
         if !self.leading || self.flush_armed || self.peers_behind().next().is_none() {
             return;
         }
         self.flush_armed = true;
+        let index = self.node.raft.raft_log.committed;
         let mut tx = self.self_tx.clone();
         glommio::spawn_local(async move {
             glommio::timer::sleep(COMMIT_FLUSH_DELAY).await;
-            let _ = futures::SinkExt::send(&mut tx, RaftInput::FlushCommit).await;
+            let _ = futures::SinkExt::send(&mut tx, RaftInput::FlushCommit(index)).await;
         })
         .detach();
     }
