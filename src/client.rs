@@ -22,6 +22,46 @@ pub fn set_credentials(user: String, password: String) {
     let _ = CREDENTIALS.set((user, password));
 }
 
+/// The TLS every `connect` of this process uses: the CLI's `--cacert/--cert/--key`, or a
+/// server's own client identity (its dials to the leader's native port). `always`: also
+/// for endpoints without `https://` (etcdctl's TLS flags with bare host:port endpoints).
+struct ClientTls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    always: bool,
+}
+
+static CLIENT_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
+
+/// Sets the client TLS for every later `connect` (once per process).
+pub fn set_tls(config: std::sync::Arc<rustls::ClientConfig>, always: bool) {
+    if CLIENT_TLS.set(ClientTls { config, always }).is_err() {
+        tracing::warn!("client TLS was already set; the first setting stays");
+    }
+}
+
+/// capnp-rpc over one connection (plain or TLS); the RPC system runs as its own task.
+fn start_rpc<S>(stream: S) -> kv::Client
+where
+    S: futures::AsyncRead + futures::AsyncWrite + Unpin + 'static,
+{
+    let (r, w) = futures::AsyncReadExt::split(stream);
+    let mut opts = capnp::message::ReaderOptions::new();
+    opts.traversal_limit_in_words(Some(1 << 30)); // large range responses
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r),
+        crate::transport::coalescing(w),
+        Side::Client,
+        opts,
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let kv: kv::Client = rpc.bootstrap(Side::Server);
+    glommio::spawn_local(async move {
+        let _ = rpc.await;
+    })
+    .detach();
+    kv
+}
+
 fn from_capnp(e: capnp::Error) -> KvError {
     KvError::from_message(&e.extra)
 }
@@ -36,37 +76,54 @@ async fn login(kv: &kv::Client, user: &str, password: &str) -> Result<kv::Client
 }
 
 impl Client {
-    /// Connects to the first endpoint that accepts (comma-separated, scheme optional).
+    /// Connects to the first endpoint that accepts (comma-separated, scheme optional;
+    /// `https://`, or any endpoint once `set_tls(.., true)` was called, speaks TLS).
     pub async fn connect(endpoints: &str) -> Result<Client, KvError> {
-        let addrs = crate::config::parse_urls(endpoints).map_err(KvError::Client)?;
+        let urls = crate::cluster::url_list(endpoints);
+        crate::config::parse_urls(endpoints).map_err(KvError::Client)?;
         let mut last_err = String::new();
-        for addr in addrs {
-            match glommio::net::TcpStream::connect(addr.as_str()).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    let (r, w) = futures::AsyncReadExt::split(stream);
-                    let mut opts = capnp::message::ReaderOptions::new();
-                    opts.traversal_limit_in_words(Some(1 << 30)); // large range responses
-                    let network = twoparty::VatNetwork::new(
-                        futures::io::BufReader::new(r),
-                        crate::transport::coalescing(w),
-                        Side::Client,
-                        opts,
-                    );
-                    let mut rpc = RpcSystem::new(Box::new(network), None);
-                    let kv: kv::Client = rpc.bootstrap(Side::Server);
-                    glommio::spawn_local(async move {
-                        let _ = rpc.await;
-                    })
-                    .detach();
-                    let kv = match CREDENTIALS.get() {
-                        Some((user, password)) => login(&kv, user, password).await?,
-                        None => kv,
-                    };
-                    return Ok(Client { kv });
+        for url in urls {
+            let tls = crate::tls::url_is_tls(&url).map_err(KvError::Client)?;
+            let addr = crate::cluster::host_port(&url);
+            let stream = match glommio::net::TcpStream::connect(addr.as_str()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last_err = format!("dial {addr}: {e}");
+                    continue;
                 }
-                Err(e) => last_err = format!("dial {addr}: {e}"),
-            }
+            };
+            let _ = stream.set_nodelay(true);
+            let kv = match CLIENT_TLS.get() {
+                Some(t) if tls || t.always => {
+                    let name = crate::tls::server_name(&addr).map_err(KvError::Client)?;
+                    let connector = futures_rustls::TlsConnector::from(t.config.clone());
+                    let handshake = connector.connect(name, stream);
+                    let timeout =
+                        std::time::Duration::from_millis(crate::tls::HANDSHAKE_TIMEOUT_MS);
+                    match glommio::timer::timeout(timeout, async { Ok(handshake.await) }).await {
+                        Ok(Ok(s)) => start_rpc(s),
+                        Ok(Err(e)) => {
+                            last_err = format!("TLS handshake with {addr}: {e}");
+                            continue;
+                        }
+                        Err(e) => {
+                            last_err = format!("TLS handshake with {addr}: {e}");
+                            continue;
+                        }
+                    }
+                }
+                None if tls => {
+                    return Err(KvError::Client(format!(
+                        "{url}: https endpoint but no client TLS configured"
+                    )))
+                }
+                _ => start_rpc(stream),
+            };
+            let kv = match CREDENTIALS.get() {
+                Some((user, password)) => login(&kv, user, password).await?,
+                None => kv,
+            };
+            return Ok(Client { kv });
         }
         Err(KvError::Client(last_err))
     }

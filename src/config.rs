@@ -27,7 +27,40 @@ pub const ETCD_FLAGS: &[&str] = &[
     "auth-token",
     "auth-token-ttl",
     "bcrypt-cost",
+    // TLS (src/tls.rs)
+    "cert-file",
+    "key-file",
+    "trusted-ca-file",
+    "client-cert-auth",
+    "client-crl-file",
+    "auto-tls",
+    "cipher-suites",
+    "tls-min-version",
+    "tls-max-version",
+    "peer-cert-file",
+    "peer-key-file",
+    "peer-trusted-ca-file",
+    "peer-client-cert-auth",
+    "peer-crl-file",
+    "peer-auto-tls",
+    "peer-cert-allowed-cn",
+    "peer-cert-allowed-hostname",
 ];
+
+/// `ETCD_*` variables in the environment that name no flag corekv implements (etcd
+/// warns about its unrecognized ones the same way); the server logs each at start-up.
+pub fn unknown_etcd_env() -> Vec<String> {
+    let known: Vec<String> = ETCD_FLAGS
+        .iter()
+        .map(|f| format!("ETCD_{}", f.to_uppercase().replace('-', "_")))
+        .collect();
+    let mut out: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("ETCD_") && !known.contains(k))
+        .collect();
+    out.sort();
+    out
+}
 
 /// Copies `ETCD_X` to `COREKV_X` where only the former is set, before clap reads env.
 pub fn import_etcd_env() {
@@ -187,6 +220,62 @@ pub struct ServeConfig {
     /// a new leader does not reset them (etcd's --experimental-lease-checkpoint-interval).
     #[arg(long, alias = "experimental-lease-checkpoint-interval", env = "COREKV_LEASE_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = parse_positive_duration)]
     pub lease_checkpoint_interval: std::time::Duration,
+    /// Client TLS: certificate of the client URLs (gRPC, gateway, native port).
+    #[arg(long, env = "COREKV_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Client TLS: key of --cert-file.
+    #[arg(long, env = "COREKV_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Client TLS: CA that signs the client certificates accepted with --client-cert-auth.
+    #[arg(long, env = "COREKV_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require client certificates signed by --trusted-ca-file on https client URLs (with
+    /// auth enabled, the certificate's CN is the user).
+    #[arg(long, env = "COREKV_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub client_cert_auth: bool,
+    /// Client TLS: certificate revocation list (PEM or DER), re-read when it changes.
+    #[arg(long, env = "COREKV_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<PathBuf>,
+    /// Client TLS with a generated self-signed certificate (kept in <data-dir>/fixtures).
+    #[arg(long, env = "COREKV_AUTO_TLS", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub auto_tls: bool,
+    /// TLS 1.2 cipher suites by Go's names, comma-separated (default: all rustls has).
+    #[arg(long, env = "COREKV_CIPHER_SUITES")]
+    pub cipher_suites: Option<String>,
+    /// Minimum TLS version: TLS1.2 (default) or TLS1.3.
+    #[arg(long, env = "COREKV_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+    /// Maximum TLS version: TLS1.2 or TLS1.3 (default: the highest).
+    #[arg(long, env = "COREKV_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
+    /// Peer TLS: certificate of the peer URLs (also the client certificate peers dial with).
+    #[arg(long, env = "COREKV_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Peer TLS: key of --peer-cert-file.
+    #[arg(long, env = "COREKV_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// Peer TLS: CA that signs every member's peer certificate.
+    #[arg(long, env = "COREKV_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Require peers' certificates signed by --peer-trusted-ca-file.
+    #[arg(long, env = "COREKV_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub peer_client_cert_auth: bool,
+    /// Peer TLS: certificate revocation list, re-read when it changes.
+    #[arg(long, env = "COREKV_PEER_CRL_FILE")]
+    pub peer_crl_file: Option<PathBuf>,
+    /// Peer TLS with a generated self-signed certificate (peers are then not verified).
+    #[arg(long, env = "COREKV_PEER_AUTO_TLS", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub peer_auto_tls: bool,
+    /// Accept peer certificates with this CN only.
+    #[arg(long, env = "COREKV_PEER_CERT_ALLOWED_CN")]
+    pub peer_cert_allowed_cn: Option<String>,
+    /// Accept peer certificates valid for this host name only.
+    #[arg(
+        long,
+        env = "COREKV_PEER_CERT_ALLOWED_HOSTNAME",
+        conflicts_with = "peer_cert_allowed_cn"
+    )]
+    pub peer_cert_allowed_hostname: Option<String>,
     /// WAL segment size in bytes (preallocated and zero-filled).
     #[arg(long, env = "COREKV_WAL_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024, hide = true)]
     pub wal_segment_bytes: u64,
@@ -255,6 +344,98 @@ impl ServeConfig {
         Ok(())
     }
 
+    fn tls_options(&self) -> crate::tls::TlsOptions {
+        crate::tls::TlsOptions {
+            cipher_suites: self.cipher_suites.clone(),
+            min_version: self.tls_min_version.clone(),
+            max_version: self.tls_max_version.clone(),
+        }
+    }
+
+    /// Both TLS sides from the flags, with etcd's refusals: an `https://` URL of a side
+    /// without a certificate stops start-up naming the flags; certificates given for a
+    /// side whose URLs are all `http://` are logged as ignored for those URLs.
+    pub fn server_tls(&self) -> Result<ServerTls, String> {
+        let opts = self.tls_options();
+        let client_flags = crate::tls::TlsFlags {
+            side: "client",
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            trusted_ca_file: self.trusted_ca_file.clone(),
+            client_cert_auth: self.client_cert_auth,
+            crl_file: self.client_crl_file.clone(),
+            auto_tls: self.auto_tls,
+            allowed_cn: None,
+            allowed_hostname: None,
+        };
+        let peer_flags = crate::tls::TlsFlags {
+            side: "peer",
+            cert_file: self.peer_cert_file.clone(),
+            key_file: self.peer_key_file.clone(),
+            trusted_ca_file: self.peer_trusted_ca_file.clone(),
+            client_cert_auth: self.peer_client_cert_auth,
+            crl_file: self.peer_crl_file.clone(),
+            auto_tls: self.peer_auto_tls,
+            allowed_cn: self.peer_cert_allowed_cn.clone(),
+            allowed_hostname: self.peer_cert_allowed_hostname.clone(),
+        };
+        let client_urls: Vec<String> = crate::cluster::url_list(&self.listen_client_urls)
+            .into_iter()
+            .chain(crate::cluster::url_list(&self.listen_native_urls))
+            .collect();
+        let peer_urls = crate::cluster::url_list(&self.listen_peer_urls);
+        let client =
+            crate::tls::build_side(&client_flags, &opts, &self.data_dir, &hosts(&client_urls))?;
+        let peer = crate::tls::build_side(&peer_flags, &opts, &self.data_dir, &hosts(&peer_urls))?;
+        for u in &client_urls {
+            let tls = crate::tls::url_is_tls(u)?;
+            if tls && client.is_none() {
+                return Err(format!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url {u} with HTTPS scheme"
+                ));
+            }
+            if !tls && client.is_some() {
+                tracing::warn!(url = %u, "scheme is HTTP while key and cert files are present; ignoring key and cert files");
+            }
+            if !tls && self.client_cert_auth {
+                tracing::warn!(url = %u, "scheme is HTTP while --client-cert-auth is enabled; ignoring client cert auth for this URL");
+            }
+        }
+        for u in &peer_urls {
+            let tls = crate::tls::url_is_tls(u)?;
+            if tls && peer.is_none() {
+                return Err(format!(
+                    "cannot listen on TLS for {}: KeyFile and CertFile are not presented (--peer-cert-file, --peer-key-file or --peer-auto-tls)",
+                    crate::cluster::host_port(u)
+                ));
+            }
+            if !tls && peer.is_some() {
+                tracing::warn!(url = %u, "scheme is HTTP while peer key and cert files are present; ignoring key and cert files");
+            }
+        }
+        // Every member this one may dial: an https peer needs peer TLS to be reached.
+        let dialed: Vec<String> = crate::cluster::url_list(&self.initial_advertise_peer_urls)
+            .into_iter()
+            .chain(
+                self.initial_cluster
+                    .iter()
+                    .flat_map(|c| c.split(','))
+                    .filter_map(|m| m.split_once('=').map(|(_, u)| u.trim().to_string())),
+            )
+            .collect();
+        for u in &dialed {
+            if crate::tls::url_is_tls(u)? && peer.is_none() {
+                return Err(format!(
+                    "peer URL {u} is https: TLS key/cert (--peer-cert-file, --peer-key-file) or --peer-auto-tls must be provided"
+                ));
+            }
+        }
+        for u in crate::cluster::url_list(&self.advertise_client_urls) {
+            crate::tls::url_is_tls(&u)?;
+        }
+        Ok(ServerTls { client, peer })
+    }
+
     pub fn shards(&self) -> usize {
         self.cores
             .map(|c| c as usize)
@@ -305,6 +486,31 @@ impl ServeConfig {
     }
 }
 
+/// Both TLS sides of a server (None: that side has no certificate, so only plaintext).
+#[derive(Clone, Debug, Default)]
+pub struct ServerTls {
+    pub client: Option<crate::tls::TlsSide>,
+    pub peer: Option<crate::tls::TlsSide>,
+}
+
+/// The hosts of `urls` (auto TLS puts them in its certificate).
+fn hosts(urls: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = urls
+        .iter()
+        .map(|u| {
+            let hp = crate::cluster::host_port(u);
+            match hp.rsplit_once(':') {
+                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                None => hp,
+            }
+        })
+        .filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::")
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// "http://127.0.0.1:2378,127.0.0.2:2378" -> socket addresses (scheme optional, as etcd).
 pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
@@ -319,6 +525,18 @@ pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
         return Err("no URL given".into());
     }
     Ok(out)
+}
+
+/// Listen URLs -> (host:port, TLS) pairs: `https://` is TLS, `http://` or no scheme is
+/// plaintext, any other scheme is refused.
+pub fn parse_listen_urls(urls: &str) -> Result<Vec<(String, bool)>, String> {
+    let addrs = parse_urls(urls)?;
+    let list = crate::cluster::url_list(urls);
+    assert_eq!(addrs.len(), list.len());
+    list.iter()
+        .zip(addrs)
+        .map(|(u, a)| crate::tls::url_is_tls(u).map(|tls| (a, tls)))
+        .collect()
 }
 
 /// CPUs in this process's affinity mask.

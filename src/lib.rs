@@ -12,6 +12,7 @@ pub mod error;
 pub mod model;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 
 #[allow(clippy::all, dead_code, unused_parens)]

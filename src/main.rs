@@ -37,8 +37,47 @@ struct Cli {
     /// Password for authentication (then --user holds only the name).
     #[arg(long, global = true, env = "COREKV_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Verify the servers' certificates with this CA bundle (etcdctl's --cacert).
+    #[arg(long, global = true, env = "COREKV_CACERT")]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate for TLS (etcdctl's --cert).
+    #[arg(long, global = true, env = "COREKV_CERT")]
+    cert: Option<std::path::PathBuf>,
+    /// Key of --cert (etcdctl's --key).
+    #[arg(long = "key", global = true, env = "COREKV_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Accept any server certificate (insecure; etcdctl's --insecure-skip-tls-verify).
+    #[arg(long, global = true, env = "COREKV_INSECURE_SKIP_TLS_VERIFY", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    insecure_skip_tls_verify: bool,
+    /// Plaintext for endpoints without a scheme unless TLS flags are given (etcdctl's
+    /// --insecure-transport; `https://` endpoints always use TLS, `http://` never).
+    #[arg(long, global = true, env = "COREKV_INSECURE_TRANSPORT", num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    insecure_transport: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+impl Cli {
+    /// etcdctl's rules: TLS for `https://` endpoints, and for bare host:port endpoints
+    /// when a TLS flag is given or --insecure-transport=false.
+    fn client_tls(&self) -> Result<(), KvError> {
+        let flags = self.cacert.is_some() || self.cert.is_some() || self.tls_key.is_some();
+        let https = corekv::cluster::url_list(&self.endpoints)
+            .iter()
+            .any(|u| u.starts_with("https://"));
+        if !(flags || https || !self.insecure_transport || self.insecure_skip_tls_verify) {
+            return Ok(());
+        }
+        let cfg = corekv::tls::client_config(
+            self.cacert.as_deref(),
+            self.cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.insecure_skip_tls_verify,
+        )
+        .map_err(KvError::Client)?;
+        corekv::client::set_tls(cfg, flags || !self.insecure_transport);
+        Ok(())
+    }
 }
 
 /// etcdctl's rules: `--user name:password`, or `--user name --password pw`.
@@ -224,6 +263,10 @@ fn main() {
     // Client verbs only: a server's own connections (forwarding to the leader) never
     // act as a user, whatever the environment holds.
     if !matches!(cli.cmd, Cmd::Serve(_)) {
+        if let Err(e) = cli.client_tls() {
+            eprintln!("Error: {e}");
+            std::process::exit(1);
+        }
         match credentials(cli.user.clone(), cli.password.clone()) {
             Ok(Some((user, password))) => corekv::client::set_credentials(user, password),
             Ok(None) => {}

@@ -7,7 +7,7 @@ use crate::actors::raft::{RaftActor, RaftInput, RaftSetup};
 use crate::actors::wal::WalActor;
 use crate::actors::{connect_rx, Mailboxes};
 use crate::cluster::Member;
-use crate::config::{available_cpus, parse_urls, ServeConfig};
+use crate::config::{available_cpus, parse_listen_urls, parse_urls, ServeConfig};
 use crate::storage::backend::{meta_key, Backend};
 use crate::storage::raft_log::RaftLog;
 use crate::storage::wal;
@@ -374,9 +374,20 @@ fn parse_proc_listen(line: &str) -> Option<std::net::SocketAddr> {
 
 pub fn run(cfg: ServeConfig) -> Result<(), String> {
     cfg.validate()?;
+    for var in crate::config::unknown_etcd_env() {
+        tracing::warn!("unrecognized environment variable {var}");
+    }
+    let tls = cfg.server_tls()?;
+    if let Some(side) = &tls.client {
+        // This member's own dials to other members' native URLs (calls only the leader
+        // answers) go out with its client certificate, checked against its trusted CA.
+        crate::client::set_tls(side.client.clone(), false);
+    }
     raise_memlock();
-    let addrs = parse_urls(&cfg.listen_native_urls)?;
-    let client_addrs = parse_urls(&cfg.listen_client_urls)?;
+    let native_listen = parse_listen_urls(&cfg.listen_native_urls)?;
+    let addrs: Vec<String> = native_listen.iter().map(|(a, _)| a.clone()).collect();
+    let client_listen = parse_listen_urls(&cfg.listen_client_urls)?;
+    let client_addrs: Vec<String> = client_listen.iter().map(|(a, _)| a.clone()).collect();
     let peer_addrs = parse_urls(&cfg.listen_peer_urls)?;
     let _lock = lock_data_dir(&cfg)?;
     crate::storage::backend::remove_defrag_leftovers(&cfg.member_dir());
@@ -459,6 +470,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         let watching_here = watching.clone();
         let bridge_rx = bridge_rxs[i].take().expect("one bridge per shard");
         let addrs = addrs.clone();
+        let native_listen = native_listen.clone();
         let settings = NetSettings {
             max_request_bytes: cfg.max_request_bytes,
             max_txn_ops: cfg.max_txn_ops as usize,
@@ -471,6 +483,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             snap_dir: cfg.snap_dir(),
             tokens: tokens.clone(),
             leader_hint: leader_hint.clone(),
+            client_tls: tls.client.clone(),
         };
         // Endpoints of the actors placed on this shard.
         let raft = if i == cfg.raft_shard {
@@ -684,7 +697,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     glommio::spawn_local(shard.clone().publish_self(publish_name, publish_urls))
                         .detach();
                 }
-                if let Err(e) = network::serve(shard, addrs.clone()).await {
+                if let Err(e) = network::serve(shard, native_listen).await {
                     exit_fatal(format!("listen on {addrs:?}: {e}"));
                 }
             })
@@ -711,7 +724,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         keepalive_timeout: cfg.grpc_keepalive_timeout,
         max_concurrent_streams: cfg.max_concurrent_streams,
     };
-    if let Err(e) = crate::api::v3rpc::spawn(gateway, client_addrs.clone(), limits) {
+    if let Err(e) = crate::api::v3rpc::spawn(gateway, client_listen, limits, tls.client.clone()) {
         exit_fatal(e);
     }
     tracing::info!(urls = ?client_addrs, "ready to serve etcd v3 gRPC clients");

@@ -51,6 +51,8 @@ pub struct NetSettings {
     /// The leader's member ID as raft last reported it (0 = none known); the raft
     /// actor writes it.
     pub leader_hint: Arc<std::sync::atomic::AtomicU64>,
+    /// TLS of the client URLs (native https URLs serve with it).
+    pub client_tls: Option<crate::tls::TlsSide>,
 }
 
 pub struct Shard {
@@ -630,14 +632,21 @@ struct KvService {
     /// The token of a capability `authenticate` handed out; None for the bootstrap one
     /// (a caller without a user).
     token: Option<Rc<str>>,
+    /// The CN of the connection's verified client certificate under --client-cert-auth:
+    /// the user when no token is given (etcd's AuthInfoFromTLS).
+    cert_user: Option<Rc<str>>,
 }
 
 impl KvService {
     /// Who is calling (see api::native_auth).
     async fn who(&self) -> Result<AuthUser, capnp::Error> {
-        native_auth::caller(&self.shard, self.token.as_deref())
-            .await
-            .map_err(to_capnp)
+        native_auth::caller(
+            &self.shard,
+            self.token.as_deref(),
+            self.cert_user.as_deref(),
+        )
+        .await
+        .map_err(to_capnp)
     }
 
     /// A slot among the connection's in-flight calls, and who is calling.
@@ -1091,7 +1100,7 @@ impl kv::Server for KvService {
         let token = if forwarded.is_empty() {
             self.token.as_deref()
         } else {
-            who = native_auth::caller(&self.shard, Some(forwarded))
+            who = native_auth::caller(&self.shard, Some(forwarded), None)
                 .await
                 .map_err(to_capnp)?;
             Some(forwarded)
@@ -1182,6 +1191,7 @@ impl kv::Server for KvService {
             // The connection's in-flight bound covers every capability on it.
             permits: self.permits.clone(),
             token: Some(Rc::from(token.as_str())),
+            cert_user: self.cert_user.clone(),
         };
         let mut r = results.get();
         r.set_token(&token);
@@ -1216,9 +1226,14 @@ pub fn reader_options(max_request_bytes: u64) -> capnp::message::ReaderOptions {
     o
 }
 
-async fn serve_conn(shard: Rc<Shard>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
+async fn serve_conn<S>(
+    shard: Rc<Shard>,
+    stream: S,
+    peer: Option<std::net::SocketAddr>,
+    cert_user: Option<Rc<str>>,
+) where
+    S: futures::AsyncRead + futures::AsyncWrite + Unpin + 'static,
+{
     let (reader, writer) = futures::AsyncReadExt::split(stream);
     let network = twoparty::VatNetwork::new(
         futures::io::BufReader::new(reader),
@@ -1230,6 +1245,7 @@ async fn serve_conn(shard: Rc<Shard>, stream: TcpStream) {
         shard,
         permits: Rc::new(glommio::sync::Semaphore::new(MAX_INFLIGHT_PER_CONN)),
         token: None,
+        cert_user,
     };
     let client: kv::Client = capnp_rpc::new_client(service);
     let rpc = RpcSystem::new(Box::new(network), Some(client.client));
@@ -1238,17 +1254,60 @@ async fn serve_conn(shard: Rc<Shard>, stream: TcpStream) {
     }
 }
 
-/// Accepts connections on every native URL of this shard until the process exits.
-pub async fn serve(shard: Rc<Shard>, addrs: Vec<String>) -> std::io::Result<()> {
+/// One accepted connection: plaintext, or TLS (the handshake runs in this connection's
+/// own task, so it never holds up the accept loop or other connections).
+async fn accept_conn(shard: Rc<Shard>, stream: TcpStream, tls: Option<crate::tls::TlsSide>) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let Some(tls) = tls else {
+        return serve_conn(shard, stream, peer, None).await;
+    };
+    let acceptor = futures_rustls::TlsAcceptor::from(tls.server.clone());
+    let timeout = Duration::from_millis(crate::tls::HANDSHAKE_TIMEOUT_MS);
+    let stream =
+        match glommio::timer::timeout(timeout, async { Ok(acceptor.accept(stream).await) }).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return tracing::info!(?peer, "native TLS handshake refused: {e}"),
+            Err(e) => return tracing::info!(?peer, "native TLS handshake: {e}"),
+        };
+    // With --client-cert-auth the verified certificate's CN is the user (as etcd).
+    let cert_user = if tls.client_cert_auth {
+        stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::common_name)
+            .map(|cn| Rc::from(cn.as_str()))
+    } else {
+        None
+    };
+    serve_conn(shard, stream, peer, cert_user).await
+}
+
+/// Accepts connections on every native URL of this shard until the process exits
+/// (`(host:port, tls)` pairs; TLS ones with the client side's certificate).
+pub async fn serve(shard: Rc<Shard>, addrs: Vec<(String, bool)>) -> std::io::Result<()> {
     let mut accepts = Vec::new();
-    for addr in addrs {
+    for (addr, tls) in addrs {
         let listener = TcpListener::bind(addr.as_str())?;
         let shard = shard.clone();
+        let tls = if tls {
+            let side = shard.settings.client_tls.clone();
+            assert!(
+                side.is_some(),
+                "an https native URL passed start-up without TLS"
+            );
+            side
+        } else {
+            None
+        };
         accepts.push(glommio::spawn_local(async move {
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        glommio::spawn_local(serve_conn(shard.clone(), stream)).detach();
+                        glommio::spawn_local(accept_conn(shard.clone(), stream, tls.clone()))
+                            .detach();
                     }
                     Err(e) => {
                         // e.g. EMFILE: back off instead of spinning.

@@ -2,6 +2,7 @@
 pub mod gateway;
 pub mod gateway_auth;
 pub mod gateway_stream;
+pub mod grpc_listen;
 pub mod native;
 pub mod native_auth;
 pub mod v3auth;

@@ -13,11 +13,27 @@ use std::time::{Duration, Instant};
 /// How often a token whose issuing entry is not applied here yet is looked up again.
 const TOKEN_POLL: Duration = Duration::from_millis(10);
 
-/// The user `token` names (with the auth revision of this check), an empty user without
-/// one. Runs on a glommio executor, so it polls instead of using tokio's timers.
-pub async fn caller(shard: &Shard, token: Option<&str>) -> Result<AuthUser, KvError> {
+/// The user `token` names (with the auth revision of this check); without a token the
+/// CN of a verified client certificate (`cert_user`, under --client-cert-auth, as etcd's
+/// AuthInfoFromTLS), else an empty user. Runs on a glommio executor, so it polls
+/// instead of using tokio's timers.
+pub async fn caller(
+    shard: &Shard,
+    token: Option<&str>,
+    cert_user: Option<&str>,
+) -> Result<AuthUser, KvError> {
     let Some(token) = token else {
-        return Ok(AuthUser::default());
+        return match cert_user {
+            Some(name) => {
+                let (b, txn) = shard.backend.read()?;
+                let revision = store::revision(&b, &txn)?;
+                Ok(AuthUser {
+                    name: name.to_string(),
+                    revision,
+                })
+            }
+            None => Ok(AuthUser::default()),
+        };
     };
     let tokens = &shard.settings.tokens;
     let deadline = Instant::now() + MAX_TOKEN_WAIT;

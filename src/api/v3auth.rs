@@ -35,10 +35,21 @@ impl Gateway {
         req: &Request<T>,
     ) -> impl std::future::Future<Output = Result<AuthUser, Status>> + Send + 'static {
         let token = Self::token_of(req);
-        let gateway = token.as_ref().map(|_| self.clone());
+        // Without a token, the verified client certificate's CN (--client-cert-auth).
+        let cert_user = req
+            .extensions()
+            .get::<super::grpc_listen::ConnInfo>()
+            .and_then(|c| c.cert_user.clone());
+        let gateway = (token.is_some() || cert_user.is_some()).then(|| self.clone());
         async move {
-            let (Some(token), Some(g)) = (token, gateway) else {
+            let Some(g) = gateway else {
                 return Ok(AuthUser::default());
+            };
+            let Some(token) = token else {
+                let name = cert_user.unwrap_or_default();
+                let (b, txn) = g.backend().read().map_err(super::v3rpc::to_status)?;
+                let revision = store::revision(&b, &txn).map_err(super::v3rpc::to_status)?;
+                return Ok(AuthUser { name, revision });
             };
             let name = match g.tokens().user(&token) {
                 Some(name) => name,

@@ -730,7 +730,13 @@ pub struct GrpcLimits {
 
 /// Runs the gRPC server on a dedicated thread with its own tokio runtime. Returns once
 /// every listener is bound (or with the bind error).
-pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result<(), String> {
+/// Serves every client URL (`(host:port, tls)`; TLS ones with `tls`) on the gRPC thread.
+pub fn spawn(
+    gateway: Gateway,
+    addrs: Vec<(String, bool)>,
+    limits: GrpcLimits,
+    tls: Option<crate::tls::TlsSide>,
+) -> Result<(), String> {
     assert!(limits.max_concurrent_streams >= 1 && !limits.keepalive_timeout.is_zero());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     std::thread::Builder::new()
@@ -755,7 +761,7 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result
             };
             rt.block_on(async move {
                 let mut servers = Vec::new();
-                for addr in addrs {
+                for (addr, is_tls) in addrs {
                     let listener = match tokio::net::TcpListener::bind(addr.as_str()).await {
                         Ok(l) => l,
                         Err(e) => {
@@ -785,16 +791,16 @@ pub fn spawn(gateway: Gateway, addrs: Vec<String>, limits: GrpcLimits) -> Result
                         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
                         .max_concurrent_streams(limits.max_concurrent_streams)
                         .add_routes(routes);
-                    // Small unary replies must not wait for Nagle + delayed ACK (~40 ms).
-                    let incoming = futures::StreamExt::map(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                        |conn| {
-                            if let Ok(s) = &conn {
-                                let _ = s.set_nodelay(true);
-                            }
-                            conn
-                        },
-                    );
+                    let side = if is_tls {
+                        assert!(
+                            tls.is_some(),
+                            "an https client URL passed start-up without TLS"
+                        );
+                        tls.clone()
+                    } else {
+                        None
+                    };
+                    let incoming = super::grpc_listen::incoming(listener, side);
                     servers.push(tokio::spawn(async move {
                         if let Err(e) = router.serve_with_incoming(incoming).await {
                             tracing::error!("grpc server on {addr}: {e}");

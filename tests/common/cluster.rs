@@ -251,6 +251,23 @@ pub fn node_args(
     a
 }
 
+/// True (after printing a SKIPPED line) when nftables cannot be used here: no `nft`
+/// binary, or no permission to list tables. Under COREKV_REQUIRE_ETCD (CI) that fails.
+pub fn nft_unusable(test: &str) -> bool {
+    let usable = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        assert!(
+            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
+            "nft unusable but COREKV_REQUIRE_ETCD is set"
+        );
+        eprintln!("SKIPPED {test}: needs nftables as root (apt-get install nftables)");
+    }
+    !usable
+}
+
 /// nftables rules dropping traffic between loopback addresses; removed on drop.
 pub struct Partition {
     table: String,

@@ -212,4 +212,5 @@ pub fn gateway_post(endpoint: &str, path: &str, token: Option<&str>, body: &str)
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
 }
+pub mod certs;
 pub mod cluster;
