@@ -224,10 +224,12 @@ pub struct Permission {
 pub enum AuthRequest {
     Enable,
     Disable,
-    /// Hands out `token_prefix.<entry index>` once the password was checked.
+    /// Issues a simple token `<secret>.<entry index>` once the password was checked. The
+    /// entry (so the WAL, raft messages and snapshots) holds only the secret's SHA-256:
+    /// the member that took the request hands the secret to the client.
     Authenticate {
         name: String,
-        token_prefix: String,
+        secret_sha256: String,
     },
     UserAdd {
         name: String,

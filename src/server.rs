@@ -7,7 +7,7 @@ use crate::actors::raft::{RaftActor, RaftInput, RaftSetup};
 use crate::actors::wal::WalActor;
 use crate::actors::{connect_rx, Mailboxes};
 use crate::cluster::Member;
-use crate::config::{available_cpus, parse_listen_urls, parse_urls, ServeConfig};
+use crate::config::{available_cpus, parse_listen_urls, ServeConfig};
 use crate::storage::backend::{meta_key, Backend};
 use crate::storage::raft_log::RaftLog;
 use crate::storage::wal;
@@ -53,7 +53,7 @@ struct Recovered {
     members: Vec<Member>,
 }
 
-fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
+fn recover(cfg: &ServeConfig, peer_tls: Option<&crate::tls::TlsSide>) -> Result<Recovered, String> {
     for dir in [cfg.snap_dir(), cfg.wal_path(), cfg.db_path()] {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
@@ -78,7 +78,7 @@ fn recover(cfg: &ServeConfig) -> Result<Recovered, String> {
             // A data dir that holds a member ignores the --initial-* flags, as etcd.
             ids
         }
-        None => bootstrap(cfg, &backend)?,
+        None => bootstrap(cfg, &backend, peer_tls)?,
     };
     let (applied_index, applied_term, conf_state, members) = {
         let txn = backend.read_txn().map_err(|e| e.to_string())?;
@@ -179,7 +179,11 @@ fn load_identity(backend: &Backend) -> Result<Option<(u64, u64)>, String> {
 /// starts after it, so a member added later always begins from a snapshot). `existing`:
 /// the membership is fetched from the peers; this member starts empty and is caught up
 /// by the leader. Made durable before anything else.
-fn bootstrap(cfg: &ServeConfig, backend: &Backend) -> Result<(u64, u64), String> {
+fn bootstrap(
+    cfg: &ServeConfig,
+    backend: &Backend,
+    peer_tls: Option<&crate::tls::TlsSide>,
+) -> Result<(u64, u64), String> {
     let own_urls = cfg.advertise_peer_urls();
     let spec = match &cfg.discovery_srv {
         Some(domain) => crate::discovery::initial_cluster_from_srv(
@@ -214,7 +218,12 @@ fn bootstrap(cfg: &ServeConfig, backend: &Backend) -> Result<(u64, u64), String>
             .filter(|m| m.name != cfg.name)
             .flat_map(|m| m.peer_urls.clone())
             .collect();
-        let (cluster_id, members) = crate::actors::peer::fetch_members(&peer_urls)?;
+        let (cluster_id, members) = crate::actors::peer::fetch_members(
+            &peer_urls,
+            &own_urls,
+            peer_tls,
+            peer_bind_ip(&crate::config::parse_urls(&cfg.listen_peer_urls)?),
+        )?;
         let me = members
             .iter()
             .find(|m| crate::cluster::same_urls(&m.peer_urls, &own_urls))
@@ -265,6 +274,18 @@ fn bootstrap(cfg: &ServeConfig, backend: &Backend) -> Result<(u64, u64), String>
     txn.commit().map_err(|e| e.to_string())?;
     backend.sync().map_err(err)?;
     Ok((member_id, cluster_id))
+}
+
+/// Source address of this member's peer connections: the host of its first listen peer
+/// URL (so firewall rules per address, and the peers' check that a member connects from
+/// its own address, see the address it listens on); None for a wildcard.
+fn peer_bind_ip(peer_addrs: &[String]) -> Option<std::net::IpAddr> {
+    peer_addrs.first().and_then(|a| {
+        a.parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|sa| sa.ip())
+            .filter(|ip| !ip.is_unspecified())
+    })
 }
 
 fn exit_fatal(msg: String) -> ! {
@@ -388,11 +409,12 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let addrs: Vec<String> = native_listen.iter().map(|(a, _)| a.clone()).collect();
     let client_listen = parse_listen_urls(&cfg.listen_client_urls)?;
     let client_addrs: Vec<String> = client_listen.iter().map(|(a, _)| a.clone()).collect();
-    let peer_addrs = parse_urls(&cfg.listen_peer_urls)?;
+    let peer_listen = parse_listen_urls(&cfg.listen_peer_urls)?;
+    let peer_addrs: Vec<String> = peer_listen.iter().map(|(a, _)| a.clone()).collect();
     let _lock = lock_data_dir(&cfg)?;
     crate::storage::backend::remove_defrag_leftovers(&cfg.member_dir());
     probe_listen(&[addrs.clone(), client_addrs.clone(), peer_addrs.clone()].concat())?;
-    let rec = recover(&cfg)?;
+    let rec = recover(&cfg, tls.peer.as_ref())?;
     let shards = cfg.shards();
     let cpus = available_cpus();
     // Pinned only when the shards cover every CPU this process may use. With fewer
@@ -410,12 +432,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         ^ ((std::process::id() as u64) << 32)
         ^ member_id.rotate_left(17))
         | 1; // never 0: epoch 0 marks the apply actor's own proposals
-    let bind_ip = peer_addrs.first().and_then(|a| {
-        a.parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|sa| sa.ip())
-            .filter(|ip| !ip.is_unspecified())
-    });
+    let bind_ip = peer_bind_ip(&peer_addrs);
     let resolved = match &cfg.discovery_dns_server {
         Some(dns) => {
             let urls: Vec<String> = rec
@@ -461,6 +478,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     let mut handles = Vec::new();
     for i in 0..shards {
         let resolved = resolved.clone();
+        let peer_tls = tls.peer.clone();
         let cpu = cpus[i % cpus.len()];
         let backend = store.clone();
         let net_tx = mb.net_to_raft[i].0.take();
@@ -502,7 +520,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                     leader_hint: leader_hint.clone(),
                 },
                 peers.clone(),
-                peer_addrs.clone(),
+                peer_listen.clone(),
                 mb.net_to_raft
                     .iter_mut()
                     .map(|p| p.1.take().expect("rx"))
@@ -637,6 +655,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                             to_raft: peer_tx,
                             user_timeout_ms: (2 * setup.election_ms).max(1000) as u32,
                             resolved,
+                            tls: peer_tls,
                         });
                         let listen_ctx = ctx.clone();
                         glommio::spawn_local(async move {

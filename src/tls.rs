@@ -632,14 +632,22 @@ pub fn check_peer_identity(
         }
     }
     if let Some(host) = &side.allowed_hostname {
-        let name = ServerName::try_from(host.as_str())
-            .map_err(|e| format!("--peer-cert-allowed-hostname {host}: {e}"))?;
-        let ee =
-            webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("peer certificate: {e}"))?;
-        ee.verify_is_valid_for_subject_name(&name)
-            .map_err(|e| format!("peer certificate is not valid for {host}: {e}"))?;
+        if !cert_valid_for(leaf, host) {
+            return Err(format!("peer certificate is not valid for {host}"));
+        }
     }
     Ok(())
+}
+
+/// Is `cert` valid for `host` (a DNS name or an IP, as rustls checks server names)?
+pub fn cert_valid_for(cert: &CertificateDer<'_>, host: &str) -> bool {
+    let Ok(name) = ServerName::try_from(host) else {
+        return false;
+    };
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    ee.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 /// The TLS server name for dialing `host:port` (an IP or a DNS name).

@@ -9,6 +9,7 @@ pub mod lessor;
 pub mod membership;
 pub mod network;
 pub mod peer;
+pub mod peer_stream;
 pub mod raft;
 pub mod recipes;
 pub mod wal;

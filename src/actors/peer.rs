@@ -6,9 +6,17 @@
 //! refused with a clear error instead of being merged.
 //!
 //! Wire format: frames of `u32 LE length | u8 kind | payload`, at most
-//! `MAX_FRAME_BYTES`. Each direction of a member pair has its own connection (like
-//! etcd's streams), so a connection is written by one side only.
+//! `MAX_FRAME_BYTES` (`HELLO_MAX_BYTES` before the hello is accepted). Each direction of
+//! a member pair has its own connection (like etcd's streams), so a connection is
+//! written by one side only.
+//!
+//! The peer port is hostile until a hello is accepted: only a current member of this
+//! cluster is, and only from where it may be (with peer TLS and --peer-client-cert-auth,
+//! a certificate valid for one of its peer URLs' hosts; without, a source address among
+//! its peer URLs' IPs when they are IP literals). `https://` peer URLs speak TLS
+//! (`super::peer_stream`).
 
+use super::peer_stream::PeerStream;
 use crate::cluster::Member;
 use crate::storage::backend::Store;
 use futures::channel::mpsc;
@@ -24,6 +32,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
+/// Frames a connection may send before its hello is accepted (a hello with a few URLs).
+pub const HELLO_MAX_BYTES: usize = 4 << 10;
+/// A frame's buffer grows by at most this much per read: memory follows the bytes that
+/// arrived, not the length a frame declares.
+const READ_STEP_BYTES: usize = 64 << 10;
+const _: () = assert!(HELLO_MAX_BYTES < READ_STEP_BYTES && READ_STEP_BYTES < MAX_FRAME_BYTES);
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Messages queued per peer; when full, further messages are dropped (raft resends)
 /// and the peer is reported unreachable.
@@ -38,11 +52,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-const KIND_HELLO: u8 = 1;
-const KIND_HELLO_ACK: u8 = 2;
-const KIND_MESSAGES: u8 = 3;
-const KIND_SNAP_CHUNK: u8 = 4;
-const KIND_SNAP_END: u8 = 5;
+pub const KIND_HELLO: u8 = 1;
+pub const KIND_HELLO_ACK: u8 = 2;
+pub const KIND_MESSAGES: u8 = 3;
+pub const KIND_SNAP_CHUNK: u8 = 4;
+pub const KIND_SNAP_END: u8 = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Purpose {
@@ -57,6 +71,9 @@ pub struct Hello {
     pub from: u64,
     pub to: u64,
     pub purpose: Purpose,
+    /// FetchMembers: the asking member's peer URLs (it is served only if a member with
+    /// exactly these URLs was added). Empty for Raft.
+    pub urls: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +86,8 @@ pub enum HelloAck {
     WrongMember {
         ours: u64,
     },
+    /// The sender is not a current member, or not where that member may be.
+    NotMember,
     Members {
         cluster_id: u64,
         members: Vec<Member>,
@@ -89,22 +108,35 @@ pub fn encode_frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// Reads one frame; errors on a length above `MAX_FRAME_BYTES` or a closed stream.
+/// Reads one frame of at most `limit_bytes`; errors on a longer one or a closed stream.
+/// The buffer grows with the bytes that arrive (`READ_STEP_BYTES` at a time), so a
+/// frame that declares 64 MiB and sends nothing costs nothing.
 pub async fn read_frame<R: futures::io::AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
+    limit_bytes: usize,
 ) -> std::io::Result<u8> {
+    assert!(limit_bytes <= MAX_FRAME_BYTES);
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME_BYTES {
+    if len == 0 || len > limit_bytes {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("peer frame of {len} bytes (limit {MAX_FRAME_BYTES})"),
+            format!("peer frame of {len} bytes (limit {limit_bytes})"),
         ));
     }
-    buf.resize(len, 0);
-    r.read_exact(buf).await?;
+    buf.clear();
+    if buf.capacity() > 2 * SNAPSHOT_CHUNK_BYTES {
+        buf.shrink_to(SNAPSHOT_CHUNK_BYTES);
+    }
+    // Bounded: each turn reads at least one byte more, up to `len`.
+    while buf.len() < len {
+        let start = buf.len();
+        buf.resize(start + (len - start).min(READ_STEP_BYTES), 0);
+        r.read_exact(&mut buf[start..]).await?;
+    }
+    assert_eq!(buf.len(), len);
     let kind = buf[0];
     buf.drain(..1);
     Ok(kind)
@@ -161,6 +193,8 @@ pub struct Ctx {
     pub user_timeout_ms: u32,
     /// host:port -> address resolved at start-up through --discovery-dns-server.
     pub resolved: HashMap<String, std::net::SocketAddr>,
+    /// Peer TLS (`https://` peer URLs are dialed and served with it).
+    pub tls: Option<crate::tls::TlsSide>,
 }
 
 /// The raft actor's handle: per-peer queues, each drained by one connection task.
@@ -300,16 +334,46 @@ fn set_user_timeout(fd: i32, ms: u32) {
     }
 }
 
+/// Dials `url` (TLS for `https://`, checking the certificate names the URL's host and
+/// the allowed CN/hostname).
+async fn dial(ctx: &Ctx, url: &str) -> Result<PeerStream, String> {
+    let addr = crate::cluster::host_port(url);
+    let tcp = connect(ctx, &addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    if !crate::tls::url_is_tls(url)? {
+        return Ok(PeerStream::Plain(tcp));
+    }
+    let side = ctx
+        .tls
+        .as_ref()
+        .ok_or_else(|| format!("{url} is https but this member has no peer TLS"))?;
+    let name = crate::tls::server_name(&addr)?;
+    let connector = futures_rustls::TlsConnector::from(side.client.clone());
+    let s = match glommio::timer::timeout(CONNECT_TIMEOUT, async {
+        Ok(connector.connect(name, tcp).await)
+    })
+    .await
+    {
+        Ok(Ok(s)) => PeerStream::Dialed(Box::new(s)),
+        Ok(Err(e)) => return Err(format!("TLS handshake with {addr}: {e}")),
+        Err(e) => return Err(format!("TLS handshake with {addr}: {e}")),
+    };
+    crate::tls::check_peer_identity(side, s.peer_certificates())
+        .map_err(|e| format!("{addr}: {e}"))?;
+    Ok(s)
+}
+
 /// Connects to `to` and says hello; errors name the reason.
-async fn handshake(ctx: &Ctx, to: u64) -> Result<glommio::net::TcpStream, String> {
+async fn handshake(ctx: &Ctx, to: u64) -> Result<PeerStream, String> {
     let urls = ctx.peers.borrow().get(&to).cloned().unwrap_or_default();
     let mut last_err = format!("member {to:x} has no peer URL");
     for url in urls {
         let addr = crate::cluster::host_port(&url);
-        let mut s = match connect(ctx, &addr).await {
+        let mut s = match dial(ctx, &url).await {
             Ok(s) => s,
             Err(e) => {
-                last_err = format!("connect {addr}: {e}");
+                last_err = e;
                 continue;
             }
         };
@@ -318,6 +382,7 @@ async fn handshake(ctx: &Ctx, to: u64) -> Result<glommio::net::TcpStream, String
             from: ctx.member_id,
             to,
             purpose: Purpose::Raft,
+            urls: Vec::new(),
         };
         let mut frame = Vec::new();
         encode_frame(
@@ -329,7 +394,7 @@ async fn handshake(ctx: &Ctx, to: u64) -> Result<glommio::net::TcpStream, String
             s.write_all(&frame).await?;
             s.flush().await?;
             let mut buf = Vec::new();
-            let kind = read_frame(&mut s, &mut buf).await?;
+            let kind = read_frame(&mut s, &mut buf, HELLO_MAX_BYTES).await?;
             if kind != KIND_HELLO_ACK {
                 return Err(invalid("expected hello ack"));
             }
@@ -352,6 +417,13 @@ async fn handshake(ctx: &Ctx, to: u64) -> Result<glommio::net::TcpStream, String
             }
             Ok(Ok(HelloAck::WrongMember { ours })) => {
                 last_err = format!("member ID mismatch: {addr} is member {ours:x}, not {to:x}");
+                tracing::error!("{last_err}");
+            }
+            Ok(Ok(HelloAck::NotMember)) => {
+                last_err = format!(
+                    "{addr} refused this member ({:x}): not a member there, or not from its peer URLs' addresses",
+                    ctx.member_id
+                );
                 tracing::error!("{last_err}");
             }
             Ok(Ok(HelloAck::Members { .. })) => last_err = "unexpected hello ack".into(),
@@ -432,7 +504,7 @@ fn drain_failed(ctx: &Ctx, to: u64, rx: &mut mpsc::Receiver<Message>) -> bool {
 /// Writes plain messages as one frame; snapshots are streamed separately.
 async fn write_batch(
     ctx: &Ctx,
-    stream: &mut glommio::net::TcpStream,
+    stream: &mut PeerStream,
     batch: Vec<Message>,
 ) -> std::io::Result<()> {
     let mut plain = Vec::with_capacity(batch.len());
@@ -463,10 +535,7 @@ async fn write_batch(
     Ok(())
 }
 
-async fn write_messages(
-    stream: &mut glommio::net::TcpStream,
-    msgs: &[Message],
-) -> std::io::Result<()> {
+async fn write_messages(stream: &mut PeerStream, msgs: &[Message]) -> std::io::Result<()> {
     let payload = encode_messages(msgs);
     let mut frame = Vec::with_capacity(payload.len() + 5);
     encode_frame(&mut frame, KIND_MESSAGES, &payload);
@@ -476,7 +545,7 @@ async fn write_messages(
 
 /// Streams the snapshot file named in the message's data, then the message itself with
 /// the file's CRC32C. The receiver rewrites `data` to its local copy's path.
-async fn send_snapshot(stream: &mut glommio::net::TcpStream, m: Message) -> std::io::Result<()> {
+async fn send_snapshot(stream: &mut PeerStream, m: Message) -> std::io::Result<()> {
     let path = PathBuf::from(String::from_utf8_lossy(m.get_snapshot().get_data()).into_owned());
     let file = glommio::io::BufferedFile::open(&path)
         .await
@@ -537,10 +606,15 @@ fn bind_reusable(addr: &str) -> std::io::Result<glommio::net::TcpListener> {
     Ok(unsafe { glommio::net::TcpListener::from_raw_fd(sock.into_raw_fd()) })
 }
 
-/// Accepts peer connections on every address; each connection feeds the raft actor.
-pub async fn listen(ctx: Rc<Ctx>, addrs: Vec<String>) -> std::io::Result<()> {
+/// Accepts peer connections on every address (`(host:port, tls)`); each connection
+/// feeds the raft actor once its hello is accepted.
+pub async fn listen(ctx: Rc<Ctx>, addrs: Vec<(String, bool)>) -> std::io::Result<()> {
     let mut tasks = Vec::new();
-    for addr in addrs {
+    for (addr, tls) in addrs {
+        assert!(
+            !tls || ctx.tls.is_some(),
+            "an https peer URL passed start-up without TLS"
+        );
         let l = bind_reusable(&addr)?;
         let ctx = ctx.clone();
         tasks.push(glommio::spawn_local(async move {
@@ -550,7 +624,8 @@ pub async fn listen(ctx: Rc<Ctx>, addrs: Vec<String>) -> std::io::Result<()> {
                 match l.accept().await {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
-                        glommio::spawn_local(inbound(ctx.clone(), s, current.clone())).detach();
+                        glommio::spawn_local(inbound(ctx.clone(), s, tls, current.clone()))
+                            .detach();
                     }
                     Err(e) => {
                         tracing::warn!("peer accept: {e}");
@@ -564,34 +639,60 @@ pub async fn listen(ctx: Rc<Ctx>, addrs: Vec<String>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One inbound connection: hello, then frames until the peer closes or misbehaves. A
-/// newer connection from the same member replaces (cancels) the older one.
+/// The accepting side's TLS handshake (in the connection's own task) and identity check.
+async fn accept_tls(ctx: &Ctx, tcp: glommio::net::TcpStream) -> Result<PeerStream, String> {
+    let side = ctx.tls.as_ref().ok_or("no peer TLS")?;
+    let acceptor = futures_rustls::TlsAcceptor::from(side.server.clone());
+    let s = match glommio::timer::timeout(CONNECT_TIMEOUT, async { Ok(acceptor.accept(tcp).await) })
+        .await
+    {
+        Ok(Ok(s)) => PeerStream::Accepted(Box::new(s)),
+        Ok(Err(e)) => return Err(format!("TLS handshake refused: {e}")),
+        Err(e) => return Err(format!("TLS handshake: {e}")),
+    };
+    crate::tls::check_peer_identity(side, s.peer_certificates())?;
+    Ok(s)
+}
+
+/// One inbound connection: TLS if the URL is https, a hello (at most `HELLO_MAX_BYTES`),
+/// then frames until the peer closes or misbehaves. A newer connection from the same
+/// member replaces (cancels) the older one.
 async fn inbound(
     ctx: Rc<Ctx>,
-    mut s: glommio::net::TcpStream,
+    tcp: glommio::net::TcpStream,
+    tls: bool,
     current: Rc<RefCell<HashMap<u64, glommio::task::JoinHandle<()>>>>,
 ) {
+    let remote = tcp.peer_addr().ok();
+    let mut s = if tls {
+        match accept_tls(&ctx, tcp).await {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(?remote, "peer connection refused: {e}"),
+        }
+    } else {
+        PeerStream::Plain(tcp)
+    };
     let mut buf = Vec::new();
     let hello = match glommio::timer::timeout(CONNECT_TIMEOUT, async {
-        Ok(read_frame(&mut s, &mut buf).await)
+        Ok(read_frame(&mut s, &mut buf, HELLO_MAX_BYTES).await)
     })
     .await
     {
         Ok(Ok(KIND_HELLO)) => match postcard::from_bytes::<Hello>(&buf) {
             Ok(h) => h,
-            Err(e) => return tracing::debug!("peer hello: {e}"),
+            Err(e) => return tracing::warn!(?remote, "peer hello refused: {e}"),
         },
-        Ok(Ok(k)) => return tracing::debug!("peer sent frame kind {k} before hello"),
-        Ok(Err(e)) => return tracing::debug!("peer hello: {e}"),
-        Err(e) => return tracing::debug!("peer hello: {e}"),
+        Ok(Ok(k)) => return tracing::warn!(?remote, "peer sent frame kind {k} before hello"),
+        Ok(Err(e)) => return tracing::warn!(?remote, "peer hello refused: {e}"),
+        Err(e) => return tracing::debug!(?remote, "peer hello: {e}"),
     };
-    let ack = check_hello(&ctx, &hello);
+    let ack = check_hello(&ctx, &hello, remote, &s);
     let mut frame = Vec::new();
-    encode_frame(
-        &mut frame,
-        KIND_HELLO_ACK,
-        &postcard::to_allocvec(&ack).unwrap_or_default(),
-    );
+    let ack_bytes = match postcard::to_allocvec(&ack) {
+        Ok(b) => b,
+        Err(e) => return tracing::error!("encode hello ack: {e}"),
+    };
+    encode_frame(&mut frame, KIND_HELLO_ACK, &ack_bytes);
     if s.write_all(&frame).await.is_err() || s.flush().await.is_err() {
         return;
     }
@@ -605,16 +706,106 @@ async fn inbound(
     }
 }
 
-fn check_hello(ctx: &Ctx, h: &Hello) -> HelloAck {
+/// Hosts of `urls` (no port, no brackets).
+fn url_hosts(urls: &[String]) -> Vec<String> {
+    urls.iter()
+        .map(|u| {
+            let hp = crate::cluster::host_port(u);
+            match hp.rsplit_once(':') {
+                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                None => hp,
+            }
+        })
+        .collect()
+}
+
+/// May a connection from `remote` over `s` speak for the member with `urls`? With peer
+/// client-certificate auth: its certificate must be valid for one of the URLs' hosts.
+/// Without: its source address must be one of the URLs' IPs (or their resolved
+/// addresses); URLs by DNS name that were not resolved at start-up are taken on trust.
+fn may_speak_for(
+    ctx: &Ctx,
+    urls: &[String],
+    remote: Option<std::net::SocketAddr>,
+    s: &PeerStream,
+) -> Result<(), String> {
+    if ctx.tls.as_ref().is_some_and(|t| t.client_cert_auth) && s.is_tls() {
+        let leaf = s
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or("no client certificate")?;
+        let hosts = url_hosts(urls);
+        let valid = hosts.iter().any(|h| crate::tls::cert_valid_for(leaf, h));
+        return if valid {
+            Ok(())
+        } else {
+            Err(format!(
+                "its certificate is valid for none of {}",
+                hosts.join(", ")
+            ))
+        };
+    }
+    let Some(ip) = remote.map(|r| r.ip().to_canonical()) else {
+        return Err("no peer address".into());
+    };
+    let mut allowed = Vec::new();
+    for (u, host) in urls.iter().zip(url_hosts(urls)) {
+        if let Some(sa) = ctx.resolved.get(&crate::cluster::host_port(u)) {
+            allowed.push(sa.ip().to_canonical());
+        } else if let Ok(a) = host.parse::<std::net::IpAddr>() {
+            allowed.push(a.to_canonical());
+        } else {
+            return Ok(()); // a DNS name: not checkable without a lookup on this shard
+        }
+    }
+    if allowed.contains(&ip) {
+        Ok(())
+    } else {
+        Err(format!(
+            "it connected from {ip}, not from its peer URLs' addresses"
+        ))
+    }
+}
+
+fn check_hello(
+    ctx: &Ctx,
+    h: &Hello,
+    remote: Option<std::net::SocketAddr>,
+    s: &PeerStream,
+) -> HelloAck {
+    let members = match ctx
+        .backend
+        .read()
+        .and_then(|(b, txn)| crate::cluster::load_members(&b, &txn))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("peer hello: read members: {e}");
+            return HelloAck::NotMember;
+        }
+    };
     if h.purpose == Purpose::FetchMembers {
-        let members = ctx
-            .backend
-            .read()
-            .and_then(|(b, txn)| crate::cluster::load_members(&b, &txn))
-            .unwrap_or_default();
-        return HelloAck::Members {
-            cluster_id: ctx.cluster_id,
-            members,
+        // Only a member that was added (its exact peer URLs), from where it may be.
+        let joining = members
+            .iter()
+            .find(|m| !h.urls.is_empty() && crate::cluster::same_urls(&m.peer_urls, &h.urls));
+        return match joining.map(|m| may_speak_for(ctx, &m.peer_urls, remote, s)) {
+            Some(Ok(())) => HelloAck::Members {
+                cluster_id: ctx.cluster_id,
+                members,
+            },
+            Some(Err(e)) => {
+                tracing::warn!(?remote, "member list refused to {:?}: {e}", h.urls);
+                HelloAck::NotMember
+            }
+            None => {
+                tracing::warn!(
+                    ?remote,
+                    "member list refused to {:?}: no member has these peer URLs",
+                    h.urls
+                );
+                HelloAck::NotMember
+            }
         };
     }
     if h.cluster_id != ctx.cluster_id {
@@ -633,19 +824,34 @@ fn check_hello(ctx: &Ctx, h: &Hello) -> HelloAck {
             ours: ctx.member_id,
         };
     }
-    let removed = ctx
+    let removed = match ctx
         .backend
         .read()
         .and_then(|(b, txn)| crate::cluster::load_removed(&b, &txn))
-        .unwrap_or_default();
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("peer hello: read removed members: {e}");
+            return HelloAck::NotMember;
+        }
+    };
     if removed.contains(&h.from) {
         tracing::warn!(peer = %format!("{:x}", h.from), "refused a removed member");
         return HelloAck::Removed;
     }
+    let urls = ctx.peers.borrow().get(&h.from).cloned();
+    let Some(urls) = urls.filter(|_| h.from != ctx.member_id) else {
+        tracing::warn!(?remote, claimed = %format!("{:x}", h.from), "peer hello refused: not a member of this cluster");
+        return HelloAck::NotMember;
+    };
+    if let Err(e) = may_speak_for(ctx, &urls, remote, s) {
+        tracing::warn!(?remote, claimed = %format!("{:x}", h.from), "peer hello refused: {e}");
+        return HelloAck::NotMember;
+    }
     HelloAck::Ok
 }
 
-async fn receive(ctx: Rc<Ctx>, s: glommio::net::TcpStream, from: u64) {
+async fn receive(ctx: Rc<Ctx>, s: PeerStream, from: u64) {
     // Wrapped only after the hello: the peer waits for our ack before it sends frames, so
     // nothing it sent is left behind in an unbuffered read.
     let mut s = futures::io::BufReader::with_capacity(RECEIVE_BUFFER_BYTES, s);
@@ -654,7 +860,7 @@ async fn receive(ctx: Rc<Ctx>, s: glommio::net::TcpStream, from: u64) {
     let mut snap: Option<(std::fs::File, PathBuf, u32, u64)> = None;
     // Bounded by the connection: ends on close, error, or a protocol violation.
     loop {
-        let kind = match read_frame(&mut s, &mut buf).await {
+        let kind = match read_frame(&mut s, &mut buf, MAX_FRAME_BYTES).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::debug!(peer = %format!("{from:x}"), "peer stream ended: {e}");
@@ -666,7 +872,7 @@ async fn receive(ctx: Rc<Ctx>, s: glommio::net::TcpStream, from: u64) {
                 Ok(msgs) => {
                     let mut ok = true;
                     for m in msgs {
-                        if m.from != from {
+                        if m.from != from || m.to != ctx.member_id {
                             ok = false;
                             break;
                         }
@@ -678,7 +884,9 @@ async fn receive(ctx: Rc<Ctx>, s: glommio::net::TcpStream, from: u64) {
                     if ok {
                         Ok(())
                     } else {
-                        Err(invalid("message from a member other than the hello's"))
+                        Err(invalid(
+                            "message from a member other than the hello's, or to another member",
+                        ))
                     }
                 }
                 Err(e) => Err(e),
@@ -765,45 +973,87 @@ fn finish_snapshot(
     Ok(m)
 }
 
-/// Blocking (start-up only): asks the members at `urls` for the cluster's membership.
-pub fn fetch_members(urls: &[String]) -> Result<(u64, Vec<Member>), String> {
-    use std::io::{Read, Write};
+/// The largest member list a joining member reads.
+const MEMBERS_MAX_BYTES: usize = 1 << 20;
+
+/// One blocking hello/ack exchange over `s` (start-up only).
+fn exchange<S: std::io::Read + std::io::Write>(
+    s: &mut S,
+    hello: &Hello,
+) -> std::io::Result<HelloAck> {
+    let mut frame = Vec::new();
+    let bytes = postcard::to_allocvec(hello).map_err(|e| invalid(e.to_string()))?;
+    encode_frame(&mut frame, KIND_HELLO, &bytes);
+    s.write_all(&frame)?;
+    s.flush()?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MEMBERS_MAX_BYTES {
+        return Err(invalid(format!(
+            "hello ack of {len} bytes (limit {MEMBERS_MAX_BYTES})"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf)?;
+    if buf[0] != KIND_HELLO_ACK {
+        return Err(invalid("expected hello ack"));
+    }
+    postcard::from_bytes(&buf[1..]).map_err(|e| invalid(e.to_string()))
+}
+
+/// Blocking (start-up only): asks the members at `urls` for the cluster's membership,
+/// as the member whose peer URLs are `own_urls` (`https://` ones over peer TLS).
+pub fn fetch_members(
+    urls: &[String],
+    own_urls: &[String],
+    tls: Option<&crate::tls::TlsSide>,
+    bind_ip: Option<std::net::IpAddr>,
+) -> Result<(u64, Vec<Member>), String> {
     let mut errors = Vec::new();
+    let hello = Hello {
+        cluster_id: 0,
+        from: 0,
+        to: 0,
+        purpose: Purpose::FetchMembers,
+        urls: own_urls.to_vec(),
+    };
     for url in urls {
         let addr = crate::cluster::host_port(url);
-        let attempt = || -> std::io::Result<HelloAck> {
+        let attempt = || -> Result<HelloAck, String> {
             use std::net::ToSocketAddrs;
             let target = addr
-                .to_socket_addrs()?
+                .to_socket_addrs()
+                .map_err(|e| e.to_string())?
                 .next()
-                .ok_or_else(|| invalid("no address"))?;
-            let mut s = std::net::TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let hello = Hello {
-                cluster_id: 0,
-                from: 0,
-                to: 0,
-                purpose: Purpose::FetchMembers,
-            };
-            let mut frame = Vec::new();
-            encode_frame(
-                &mut frame,
-                KIND_HELLO,
-                &postcard::to_allocvec(&hello).unwrap_or_default(),
-            );
-            s.write_all(&frame)?;
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len)?;
-            let len = u32::from_le_bytes(len) as usize;
-            if len == 0 || len > MAX_FRAME_BYTES {
-                return Err(invalid("bad frame length"));
+                .ok_or("no address")?;
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(target),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .map_err(|e| e.to_string())?;
+            if let Some(ip) = bind_ip.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+                sock.bind(&std::net::SocketAddr::new(ip, 0).into())
+                    .map_err(|e| format!("bind {ip}: {e}"))?;
             }
-            let mut buf = vec![0u8; len];
-            s.read_exact(&mut buf)?;
-            if buf[0] != KIND_HELLO_ACK {
-                return Err(invalid("expected hello ack"));
+            sock.connect_timeout(&target.into(), CONNECT_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            let mut s: std::net::TcpStream = sock.into();
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            if !crate::tls::url_is_tls(url)? {
+                return exchange(&mut s, &hello).map_err(|e| e.to_string());
             }
-            postcard::from_bytes(&buf[1..]).map_err(|e| invalid(e.to_string()))
+            let side =
+                tls.ok_or_else(|| format!("{url} is https but this member has no peer TLS"))?;
+            let name = crate::tls::server_name(&addr)?;
+            let conn = rustls::ClientConnection::new(side.client.clone(), name)
+                .map_err(|e| format!("TLS: {e}"))?;
+            let mut t = rustls::StreamOwned::new(conn, s);
+            let ack = exchange(&mut t, &hello).map_err(|e| format!("TLS: {e}"))?;
+            crate::tls::check_peer_identity(side, t.conn.peer_certificates())?;
+            Ok(ack)
         };
         match attempt() {
             Ok(HelloAck::Members {
@@ -845,7 +1095,8 @@ mod tests {
         bytes.push(KIND_MESSAGES);
         let mut r = futures::io::Cursor::new(bytes);
         let mut buf = Vec::new();
-        let e = futures::executor::block_on(read_frame(&mut r, &mut buf)).unwrap_err();
+        let e =
+            futures::executor::block_on(read_frame(&mut r, &mut buf, MAX_FRAME_BYTES)).unwrap_err();
         assert!(e.to_string().contains("limit"), "{e}");
     }
 }

@@ -105,6 +105,45 @@ pub struct RaftSetup {
 }
 
 impl RaftActor {
+    /// Checks a peer's message before raft steps it: raft-rs aborts on some that no
+    /// correct member sends (a commit beyond the log, entries that rewrite committed
+    /// ones), and a snapshot must come from the leader of its term. The rest raft
+    /// judges itself (terms, indexes, rejections). Dropped messages are logged.
+    fn admissible(&self, m: &Message) -> bool {
+        let raft = &self.node.raft;
+        let log = &raft.raft_log;
+        let last = log.last_index();
+        let why = match m.get_msg_type() {
+            MessageType::MsgHeartbeat if m.commit > last => Some(format!(
+                "heartbeat commit {} beyond the last index {last}",
+                m.commit
+            )),
+            MessageType::MsgAppend => m
+                .entries
+                .iter()
+                .take_while(|e| e.index <= log.committed)
+                .find(|e| log.term(e.index).map_or(true, |t| t != e.term))
+                .map(|e| format!("append rewrites committed entry {}", e.index)),
+            MessageType::MsgAppendResponse if !m.reject && m.index > last => Some(format!(
+                "append response for index {} beyond the last index {last}",
+                m.index
+            )),
+            MessageType::MsgSnapshot
+                if m.term == raft.term && raft.leader_id != 0 && m.from != raft.leader_id =>
+            {
+                Some(format!(
+                    "snapshot from {:x}, not the leader {:x}",
+                    m.from, raft.leader_id
+                ))
+            }
+            _ => None,
+        };
+        if let Some(why) = &why {
+            tracing::warn!(from = %format!("{:x}", m.from), "peer message dropped: {why}");
+        }
+        why.is_none()
+    }
+
     pub fn new(
         setup: RaftSetup,
         to_wal: ConnectedSender<ToWal>,
@@ -292,6 +331,7 @@ impl RaftActor {
                     self.transfers.push((id, to, self.ticks));
                 }
             }
+            RaftInput::Peer(PeerEvent::Message(m)) if !self.admissible(&m) => {}
             RaftInput::Peer(PeerEvent::Message(m)) => {
                 let forwarder =
                     (self.leading && m.get_msg_type() == MessageType::MsgPropose).then_some(m.from);

@@ -127,12 +127,22 @@ pub async fn authenticate(
     if !ok {
         return Err(KvError::AuthFailed);
     }
-    let token_prefix = store::token_prefix()?;
-    let req = WriteRequest::Auth(AuthRequest::Authenticate { name, token_prefix });
+    let secret = store::token_prefix()?;
+    let secret_sha256 = store::secret_sha256(&secret);
+    let req = WriteRequest::Auth(AuthRequest::Authenticate {
+        name,
+        secret_sha256: secret_sha256.clone(),
+    });
     match shard.write(req).await? {
-        (h, WriteResponse::Auth(AuthResponse::Token(token))) => {
-            debug_assert!(!token.is_empty());
-            Ok((h, token))
+        (h, WriteResponse::Auth(AuthResponse::Token(key))) => {
+            // The applied entry answers `<secret SHA-256>.<index>`; the client gets the
+            // secret itself.
+            let index = key
+                .strip_prefix(&secret_sha256)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .filter(|i| i.parse::<u64>().is_ok())
+                .ok_or_else(|| KvError::Internal("authenticate answered another token".into()))?;
+            Ok((h, format!("{secret}.{index}")))
         }
         _ => Err(KvError::Internal("unexpected authenticate response".into())),
     }

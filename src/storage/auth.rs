@@ -245,14 +245,17 @@ pub fn apply(
             }
             on
         }
-        AuthRequest::Authenticate { name, token_prefix } => {
+        AuthRequest::Authenticate {
+            name,
+            secret_sha256,
+        } => {
             if !on {
                 return Err(KvError::AuthNotEnabled);
             }
             if get::<User>(b, txn, USER_PREFIX, name)?.is_none() {
                 return Err(KvError::AuthFailed);
             }
-            return Ok(AuthResponse::Token(token_prefix.clone()));
+            return Ok(AuthResponse::Token(secret_sha256.clone()));
         }
         AuthRequest::UserAdd {
             name,
@@ -499,8 +502,10 @@ impl Tokens {
         self.start.elapsed().as_millis() as u64
     }
 
-    pub fn issue(&self, token: String, user: String) {
-        if token.is_empty() || user.is_empty() {
+    /// Keeps the token whose table key (`<secret SHA-256>.<index>`, as the applied
+    /// entry has it) is `key`.
+    pub fn issue(&self, key: String, user: String) {
+        if key.is_empty() || user.is_empty() {
             return; // never valid; the apply path only issues for existing users
         }
         let now = self.now_ms();
@@ -510,7 +515,7 @@ impl Tokens {
             table.retain(|_, t| t.expires_ms.load(Ordering::Relaxed) > now);
         }
         if table.len() < MAX_TOKENS {
-            table.insert(token, Token { user, expires_ms });
+            table.insert(key, Token { user, expires_ms });
         } else {
             tracing::warn!("{MAX_TOKENS} live auth tokens: a new one is not kept");
         }
@@ -520,9 +525,10 @@ impl Tokens {
 
     /// The user a live token names, renewing it.
     pub fn user(&self, token: &str) -> Option<String> {
+        let key = table_key(token)?;
         let now = self.now_ms();
         let table = self.table.read().unwrap_or_else(|p| p.into_inner());
-        let t = table.get(token)?;
+        let t = table.get(&key)?;
         if t.expires_ms.load(Ordering::Relaxed) <= now {
             return None;
         }
@@ -555,6 +561,19 @@ impl Tokens {
             _ => {}
         }
     }
+}
+
+/// The SHA-256 (hex) of a token's secret part: what raft entries and the token table
+/// hold instead of the secret.
+pub fn secret_sha256(secret: &str) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(secret.as_bytes()))
+}
+
+/// A client's token `<secret>.<index>` as the token table keys it.
+fn table_key(token: &str) -> Option<String> {
+    let (secret, index) = token.rsplit_once('.')?;
+    Some(format!("{}.{index}", secret_sha256(secret)))
 }
 
 /// A random token prefix: 16 letters, as etcd's simple tokens start.
@@ -605,7 +624,7 @@ mod tests {
         let applier = tokens.clone();
         let later = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(120)).await;
-            applier.issue("xyz.12".into(), "alice".into());
+            applier.issue(format!("{}.12", secret_sha256("xyz")), "alice".into());
             applier.set_applied(12);
         });
         let start = Instant::now();
