@@ -40,7 +40,7 @@ impl tower_service::Service<Request<Body>> for H2Conn {
     }
 }
 
-/// Dials `url` (http://host:port), completes the HTTP/2 handshake and spawns the
+/// Dials `url` (http:// or https://host:port), completes the HTTP/2 handshake and spawns the
 /// connection's driver on the current tokio runtime. Returns the handle and the origin
 /// the generated clients put into each request's URI.
 pub async fn connect(url: &str) -> Result<(H2Conn, Uri), String> {
@@ -50,14 +50,10 @@ pub async fn connect(url: &str) -> Result<(H2Conn, Uri), String> {
         .ok_or_else(|| format!("{url}: no host:port"))?
         .as_str()
         .to_string();
-    let tcp = tokio::net::TcpStream::connect(&authority)
-        .await
-        .map_err(|e| format!("dial {authority}: {e}"))?;
-    tcp.set_nodelay(true)
-        .map_err(|e| format!("{authority}: {e}"))?;
+    let io = crate::tls::dial(&origin).await?;
     let (send, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .handshake(hyper_util::rt::TokioIo::new(io))
             .await
             .map_err(|e| format!("http/2 handshake with {authority}: {e}"))?;
     tokio::spawn(async move {

@@ -23,6 +23,7 @@ mod record;
 mod report;
 mod spawn;
 mod suite;
+mod tls;
 mod watch;
 
 use clap::{Parser, Subcommand};
@@ -145,11 +146,12 @@ pub fn grpc_url_n(endpoints: &str, n: usize) -> String {
     }
 }
 
+/// A tonic channel to `url` (TLS for `https://`, see tls.rs).
 pub async fn grpc_channel(url: &str) -> Result<tonic::transport::Channel, String> {
     tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| e.to_string())?
         .tcp_nodelay(true)
-        .connect()
+        .connect_with_connector(tls::Dialer)
         .await
         .map_err(|e| format!("dial {url}: {e}"))
 }

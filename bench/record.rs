@@ -75,6 +75,8 @@ pub struct RunArgs {
     pub json: bool,
     #[command(flatten)]
     pub spawn_args: SpawnArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// What a load generator does; the same value runs against every target.
@@ -378,16 +380,8 @@ fn etcd_wal(endpoints: &[String]) -> Option<(u64, u64)> {
 }
 
 /// A plain HTTP/1.0 GET (no chunking), bounded by a 5 s timeout.
-fn http_get(host_port: &str, path: &str) -> Option<String> {
-    use std::io::Read;
-    let addr = host_port.trim_start_matches("http://");
-    let sock = addr.parse().ok()?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.take(16 << 20).read_to_string(&mut body).ok()?;
-    Some(body)
+fn http_get(endpoint: &str, path: &str) -> Option<String> {
+    crate::tls::http_get(endpoint, path, Duration::from_secs(5))
 }
 
 /// Machine, commit and date stamped on every results line and report.
@@ -558,6 +552,7 @@ pub fn run_one_preloaded(args: &RunArgs, w: Workload, preload: bool) -> Result<(
     if args.rounds == 0 {
         return Err("--rounds must be at least 1".into());
     }
+    args.tls.apply()?;
     let prov = Provenance::collect(&args.spawn_args.etcd_bin);
     let targets: Vec<Target> = args
         .target

@@ -25,6 +25,11 @@ pub struct SpawnArgs {
     /// Where data directories go (default: the system temp dir).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Serve clients over TLS with --client-cert-auth, etcd and corekv alike (one CA and
+    /// server certificate made at start, the loader's client certificate from it); peers
+    /// stay plaintext.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 impl SpawnArgs {
@@ -115,6 +120,23 @@ impl Deployment {
             children: Vec::new(),
             dir,
         };
+        let scheme = if args.tls { "https" } else { "http" };
+        let tls_flags: Vec<String> = if args.tls {
+            let work = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let c = crate::tls::spawn_certs(&work)?;
+            let path = |p: &std::path::Path| p.display().to_string();
+            vec![
+                "--cert-file".into(),
+                path(&c.server_cert),
+                "--key-file".into(),
+                path(&c.server_key),
+                "--trusted-ca-file".into(),
+                path(&c.ca),
+                "--client-cert-auth".into(),
+            ]
+        } else {
+            Vec::new()
+        };
         let mut peers = Vec::new();
         for i in 0..members {
             peers.push((format!("{name}{}", i + 1), free_port()?));
@@ -135,14 +157,20 @@ impl Deployment {
             if system == System::Corekv {
                 cmd.arg("serve");
                 let native = format!("127.0.0.1:{}", free_port()?);
-                cmd.args(["--listen-native-urls", &format!("http://{native}")]);
-                d.native.push(native);
+                cmd.args(["--listen-native-urls", &format!("{scheme}://{native}")]);
+                // Plaintext endpoints stay host:port; https ones carry their scheme.
+                d.native.push(if args.tls {
+                    format!("https://{native}")
+                } else {
+                    native
+                });
             }
             cmd.args(["--name", member])
                 .arg("--data-dir")
                 .arg(&data)
-                .args(["--listen-client-urls", &format!("http://{client}")])
-                .args(["--advertise-client-urls", &format!("http://{client}")])
+                .args(["--listen-client-urls", &format!("{scheme}://{client}")])
+                .args(["--advertise-client-urls", &format!("{scheme}://{client}")])
+                .args(&tls_flags)
                 .args(["--listen-peer-urls", &peer])
                 .args(["--initial-advertise-peer-urls", &peer])
                 .args(["--initial-cluster", &cluster])
@@ -165,7 +193,11 @@ impl Deployment {
                 .spawn()
                 .map_err(|e| format!("start {name} ({:?}): {e}", cmd.get_program()))?;
             d.children.push(child);
-            d.grpc.push(client);
+            d.grpc.push(if args.tls {
+                format!("https://{client}")
+            } else {
+                client
+            });
         }
         // The harness test reads this line to check that every process goes away.
         eprintln!(

@@ -55,7 +55,13 @@ enum Step {
     /// Bring every system's dataset to this many keys.
     Dataset(u64),
     Run(Workload),
+    /// From here on, fresh deployments of both systems serve clients over TLS with
+    /// --client-cert-auth (spawn --tls), dataset empty again.
+    Secure,
 }
+
+/// The label tag of the rows measured over TLS.
+const TLS_TAG: &str = "TLS";
 
 fn kv(clients: u64, conns: u64, total: u64, keys: u64) -> KvArgs {
     KvArgs {
@@ -162,6 +168,23 @@ fn plan(quick: bool) -> (Vec<Step>, u64, u64) {
         w.tag = dataset_tag(grown);
         steps.push(Step::Run(Workload::Kv(w)));
     }
+    // The cost of TLS, side by side: the same puts and reads with both systems serving
+    // https and requiring client certificates.
+    steps.push(Step::Secure);
+    steps.push(Step::Dataset(base));
+    for (clients, conns, total) in [(1, 1, 3_000.0), (1000, 100, 150_000.0)] {
+        let total = if quick {
+            clients.max(n(total))
+        } else {
+            n(total)
+        };
+        let mut w = KvWorkload::new(kv(clients, conns, total, base), KvOp::Put);
+        w.tag = TLS_TAG.into();
+        steps.push(Step::Run(Workload::Kv(w)));
+    }
+    let mut w = KvWorkload::new(kv(100, 10, n(60_000.0), base), KvOp::Range(range("l")));
+    w.tag = TLS_TAG.into();
+    steps.push(Step::Run(Workload::Kv(w)));
     (steps, base, grown)
 }
 
@@ -225,21 +248,7 @@ fn run_topology(
     rounds: u32,
     prov: &Provenance,
 ) -> Result<Topology, String> {
-    let mut deployments = Vec::new();
-    for system in [System::Etcd, System::Corekv] {
-        if args.target.iter().any(|t| t.system() == system) {
-            eprintln!("starting {members} × {system:?} ...");
-            deployments.push(Deployment::start(system, members, &args.spawn_args)?);
-        }
-    }
-    let places: Vec<Place> = args
-        .target
-        .iter()
-        .filter_map(|&t| {
-            let d = deployments.iter().find(|d| d.system == t.system())?;
-            Some(d.place(t))
-        })
-        .collect();
+    let (mut deployments, mut places) = start_all(args, members, &args.spawn_args)?;
     let (steps, base, grown) = plan(args.quick);
     let total_runs = steps.len();
     // A dataset step matters only if a workload `--only` selects runs after it (growing
@@ -258,6 +267,16 @@ fn run_topology(
             break;
         }
         match step {
+            Step::Secure if !run_after[i] => break,
+            Step::Secure => {
+                drop(std::mem::take(&mut deployments));
+                let secure = SpawnArgs {
+                    tls: true,
+                    ..args.spawn_args.clone()
+                };
+                (deployments, places) = start_all(args, members, &secure)?;
+                dataset = 0;
+            }
             Step::Dataset(_) if !run_after[i] => {}
             Step::Dataset(keys) => {
                 for d in &deployments {
@@ -317,6 +336,31 @@ fn run_topology(
     };
     drop(deployments);
     Ok(t)
+}
+
+/// Fresh deployments of every system a target needs, and where each target is reached.
+fn start_all(
+    args: &SuiteArgs,
+    members: u8,
+    spawn: &SpawnArgs,
+) -> Result<(Vec<Deployment>, Vec<Place>), String> {
+    let mut deployments = Vec::new();
+    for system in [System::Etcd, System::Corekv] {
+        if args.target.iter().any(|t| t.system() == system) {
+            let tls = if spawn.tls { " (TLS)" } else { "" };
+            eprintln!("starting {members} × {system:?}{tls} ...");
+            deployments.push(Deployment::start(system, members, spawn)?);
+        }
+    }
+    let places: Vec<Place> = args
+        .target
+        .iter()
+        .filter_map(|&t| {
+            let d = deployments.iter().find(|d| d.system == t.system())?;
+            Some(d.place(t))
+        })
+        .collect();
+    Ok((deployments, places))
 }
 
 fn topology_name(members: u8) -> String {

@@ -45,6 +45,8 @@ pub const ETCD_FLAGS: &[&str] = &[
     "peer-auto-tls",
     "peer-cert-allowed-cn",
     "peer-cert-allowed-hostname",
+    "client-cert-allowed-hostname",
+    "experimental-peer-skip-client-san-verification",
 ];
 
 /// `ETCD_*` variables in the environment that name no flag corekv implements (etcd
@@ -233,6 +235,13 @@ pub struct ServeConfig {
     /// auth enabled, the certificate's CN is the user).
     #[arg(long, env = "COREKV_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub client_cert_auth: bool,
+    /// Accept client certificates valid for this host name only (with --client-cert-auth).
+    #[arg(long, env = "COREKV_CLIENT_CERT_ALLOWED_HOSTNAME")]
+    pub client_cert_allowed_hostname: Option<String>,
+    /// A member's peer certificate need not be valid for its peer URL's host (it must
+    /// still be signed by --peer-trusted-ca-file).
+    #[arg(long, env = "COREKV_EXPERIMENTAL_PEER_SKIP_CLIENT_SAN_VERIFICATION", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub experimental_peer_skip_client_san_verification: bool,
     /// Client TLS: certificate revocation list (PEM or DER), re-read when it changes.
     #[arg(long, env = "COREKV_CLIENT_CRL_FILE")]
     pub client_crl_file: Option<PathBuf>,
@@ -366,7 +375,8 @@ impl ServeConfig {
             crl_file: self.client_crl_file.clone(),
             auto_tls: self.auto_tls,
             allowed_cn: None,
-            allowed_hostname: None,
+            allowed_hostname: self.client_cert_allowed_hostname.clone(),
+            skip_client_san: false,
         };
         let peer_flags = crate::tls::TlsFlags {
             side: "peer",
@@ -378,6 +388,7 @@ impl ServeConfig {
             auto_tls: self.peer_auto_tls,
             allowed_cn: self.peer_cert_allowed_cn.clone(),
             allowed_hostname: self.peer_cert_allowed_hostname.clone(),
+            skip_client_san: self.experimental_peer_skip_client_san_verification,
         };
         let client_urls: Vec<String> = crate::cluster::url_list(&self.listen_client_urls)
             .into_iter()

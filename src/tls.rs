@@ -43,6 +43,9 @@ pub struct TlsFlags {
     pub auto_tls: bool,
     pub allowed_cn: Option<String>,
     pub allowed_hostname: Option<String>,
+    /// Peers: --experimental-peer-skip-client-san-verification (a member's certificate
+    /// need not name its peer URL's host).
+    pub skip_client_san: bool,
 }
 
 /// `--cipher-suites`, `--tls-min-version`, `--tls-max-version` (shared by both sides).
@@ -61,9 +64,12 @@ impl TlsFlags {
         }
     }
 
-    /// Any TLS setting given (etcd's `TLSInfo.Empty()` is its negation for cert/key).
-    pub fn has_cert(&self) -> bool {
-        self.cert_file.is_some() && self.key_file.is_some()
+    /// The flag of `allowed_hostname` on this side.
+    fn hostname_flag(&self) -> &'static str {
+        match self.side {
+            "peer" => "--peer-cert-allowed-hostname",
+            _ => "--client-cert-allowed-hostname",
+        }
     }
 }
 
@@ -76,6 +82,7 @@ pub struct TlsSide {
     pub client_cert_auth: bool,
     pub allowed_cn: Option<String>,
     pub allowed_hostname: Option<String>,
+    pub skip_client_san: bool,
 }
 
 impl std::fmt::Debug for TlsSide {
@@ -524,17 +531,34 @@ pub fn build_side(
             (c, k, true)
         }
         _ => {
+            let peer = flags.side == "peer";
             for (set, name) in [
-                (flags.trusted_ca_file.is_some(), "trusted-ca-file"),
-                (flags.client_cert_auth, "client-cert-auth"),
-                (flags.crl_file.is_some(), "crl-file"),
-                (flags.allowed_cn.is_some(), "cert-allowed-cn"),
-                (flags.allowed_hostname.is_some(), "cert-allowed-hostname"),
+                (
+                    flags.trusted_ca_file.is_some(),
+                    flags.flag("trusted-ca-file"),
+                ),
+                (flags.client_cert_auth, flags.flag("client-cert-auth")),
+                (
+                    flags.crl_file.is_some(),
+                    if peer {
+                        "--peer-crl-file"
+                    } else {
+                        "--client-crl-file"
+                    }
+                    .to_string(),
+                ),
+                (
+                    flags.allowed_cn.is_some(),
+                    "--peer-cert-allowed-cn".to_string(),
+                ),
+                (
+                    flags.allowed_hostname.is_some(),
+                    flags.hostname_flag().to_string(),
+                ),
             ] {
                 if set {
                     return Err(format!(
-                        "{} needs {} and {} (or {})",
-                        flags.flag(name),
+                        "{name} needs {} and {} (or {})",
                         flags.flag("cert-file"),
                         flags.flag("key-file"),
                         flags.flag("auto-tls")
@@ -544,6 +568,18 @@ pub fn build_side(
             return Ok(None);
         }
     };
+    if !flags.client_cert_auth {
+        let named = [
+            (flags.allowed_cn.is_some(), "--peer-cert-allowed-cn"),
+            (flags.allowed_hostname.is_some(), flags.hostname_flag()),
+        ];
+        if let Some((_, name)) = named.iter().find(|(set, _)| *set) {
+            return Err(format!(
+                "{name} needs {}: no certificate is asked for without it",
+                flags.flag("client-cert-auth")
+            ));
+        }
+    }
     let identity = Arc::new(ReloadingKey::open(&cert, &key, provider.clone())?);
     let roots = flags
         .trusted_ca_file
@@ -567,7 +603,11 @@ pub fn build_side(
         if flags.crl_file.is_some() {
             return Err(format!(
                 "{} needs {}: without it no client certificate is asked for",
-                flags.flag("crl-file"),
+                if flags.side == "peer" {
+                    "--peer-crl-file"
+                } else {
+                    "--client-crl-file"
+                },
                 flags.flag("client-cert-auth")
             ));
         }
@@ -601,6 +641,7 @@ pub fn build_side(
         client_cert_auth: flags.client_cert_auth,
         allowed_cn: flags.allowed_cn.clone(),
         allowed_hostname: flags.allowed_hostname.clone(),
+        skip_client_san: flags.skip_client_san,
     }))
 }
 
@@ -611,29 +652,27 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     cn.as_str().ok().map(str::to_owned)
 }
 
-/// `--peer-cert-allowed-cn` / `--peer-cert-allowed-hostname` on a verified peer
-/// certificate (checked right after the handshake, before any frame is read).
-pub fn check_peer_identity(
-    side: &TlsSide,
-    certs: Option<&[CertificateDer<'_>]>,
-) -> Result<(), String> {
+/// `--peer-cert-allowed-cn` / `--peer-cert-allowed-hostname` (peers) and
+/// `--client-cert-allowed-hostname` (clients) on the verified certificate of the other
+/// side, checked right after the handshake, before anything is read from it.
+pub fn check_identity(side: &TlsSide, certs: Option<&[CertificateDer<'_>]>) -> Result<(), String> {
     if side.allowed_cn.is_none() && side.allowed_hostname.is_none() {
         return Ok(());
     }
     let Some(leaf) = certs.and_then(|c| c.first()) else {
-        return Err("peer presented no certificate".into());
+        return Err("no certificate presented".into());
     };
     if let Some(cn) = &side.allowed_cn {
         let got = common_name(leaf);
         if got.as_deref() != Some(cn.as_str()) {
             return Err(format!(
-                "peer certificate CN {got:?} is not the allowed CN {cn:?}"
+                "certificate CN {got:?} is not the allowed CN {cn:?}"
             ));
         }
     }
     if let Some(host) = &side.allowed_hostname {
         if !cert_valid_for(leaf, host) {
-            return Err(format!("peer certificate is not valid for {host}"));
+            return Err(format!("certificate is not valid for {host}"));
         }
     }
     Ok(())

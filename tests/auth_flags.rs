@@ -1,6 +1,7 @@
 //! etcd's auth flags on corekv: `--auth-token-ttl` ends an unused token (and use renews
 //! it), `--bcrypt-cost` is honoured within etcd's range, `--auth-token jwt` and unknown
-//! token types are refused at start with a clear error.
+//! token types are refused at start with a clear error; a token's secret never reaches
+//! the WAL (its Authenticate entry carries the SHA-256).
 
 mod common;
 use common::*;
@@ -32,6 +33,19 @@ fn token_ttl_and_bcrypt_cost_flags() {
         .as_str()
         .unwrap()
         .to_string();
+    // The WAL (raft entries) holds the token's secret only as its SHA-256.
+    let secret = token.rsplit_once('.').unwrap().0;
+    let hash = corekv::storage::auth::secret_sha256(secret);
+    let mut wal = Vec::new();
+    for e in std::fs::read_dir(dir.path().join("d/member/wal")).unwrap() {
+        wal.extend(std::fs::read(e.unwrap().path()).unwrap());
+    }
+    let in_wal = |pat: &[u8]| wal.windows(pat.len()).any(|w| w == pat);
+    assert!(!in_wal(secret.as_bytes()), "the token secret is in the WAL");
+    assert!(
+        in_wal(hash.as_bytes()),
+        "the Authenticate entry is not in the WAL"
+    );
     let put = r#"{"key":"Zm9v","value":"YmFy"}"#;
     // Used every second: renewed each time, so it outlives its 2 s TTL.
     for _ in 0..4 {

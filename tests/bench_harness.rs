@@ -100,15 +100,35 @@ fn quick_suite_writes_results_report_and_plots_and_cleans_up() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "suite failed");
-    assert_cleaned_up(&stderr, 2);
+    // Plaintext, then TLS deployments of both systems.
+    assert_cleaned_up(&stderr, 4);
+    assert!(
+        stderr.contains("× Etcd (TLS)") && stderr.contains("× Corekv (TLS)"),
+        "{stderr}"
+    );
 
     let recs = records(&dir.path().join("results/results.jsonl"));
+    let tls = |r: &serde_json::Value| r["label"].as_str().unwrap().ends_with("TLS");
     for target in ["etcd", "corekv-grpc", "corekv-native"] {
         let puts: Vec<_> = recs
             .iter()
-            .filter(|r| r["workload"] == "put" && r["target"] == target)
+            .filter(|r| r["workload"] == "put" && r["target"] == target && !tls(r))
             .collect();
         assert_eq!(puts.len(), 4, "put at 1/10/100/1000 clients on {target}");
+        let secure: Vec<_> = recs
+            .iter()
+            .filter(|r| r["target"] == target && tls(r))
+            .map(|r| r["label"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            secure,
+            [
+                "put, 1 client, TLS",
+                "put, 1000 clients, TLS",
+                "range l, 100 clients, TLS"
+            ],
+            "TLS rows on {target}"
+        );
     }
     for r in &recs {
         assert!(r["ok"].as_u64().unwrap() > 0, "{r}");

@@ -61,14 +61,23 @@ impl Drop for Etcd {
 
 fn start_etcd(dir: &std::path::Path) -> Etcd {
     let client = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{client}");
+    start_etcd_on(dir, &client, &url, &[])
+}
+
+/// etcd whose client URL is `url` (etcdctl given `client` as its endpoint) with `extra`
+/// flags; an https endpoint's etcdctl flags must be in TLS_ARGS before this waits for it.
+fn start_etcd_on(dir: &std::path::Path, client: &str, url: &str, extra: &[&str]) -> Etcd {
+    let client = client.to_string();
     let peer = format!("http://127.0.0.1:{}", free_port());
     let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
     let child = Command::new("etcd")
         .arg("--data-dir")
         .arg(dir.join("etcd-data"))
-        .args(["--listen-client-urls", &format!("http://{client}")])
-        .args(["--advertise-client-urls", &format!("http://{client}")])
+        .args(["--listen-client-urls", url])
+        .args(["--advertise-client-urls", url])
         .args(["--listen-peer-urls", &peer])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -97,6 +106,18 @@ fn etcdctl_timed(endpoint: &str, args: &[&str], ms: u64) -> (i32, String, String
     run_etcdctl(endpoint, args, "", Some(Duration::from_millis(ms)))
 }
 
+/// etcdctl's TLS flags (--cacert, --cert, --key) for each https endpoint of the TLS leg.
+static TLS_ARGS: std::sync::Mutex<Vec<(String, Vec<String>)>> = std::sync::Mutex::new(Vec::new());
+
+fn tls_args_of(endpoint: &str) -> Vec<String> {
+    let table = TLS_ARGS.lock().unwrap_or_else(|e| e.into_inner());
+    table
+        .iter()
+        .find(|(e, _)| e == endpoint)
+        .map(|(_, a)| a.clone())
+        .unwrap_or_default()
+}
+
 fn run_etcdctl(
     endpoint: &str,
     args: &[&str],
@@ -107,6 +128,7 @@ fn run_etcdctl(
     let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"))
+        .args(tls_args_of(endpoint))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -279,8 +301,66 @@ fn etcdctl_session_matches_real_etcd() {
     let Some((_dir, etcd, corekv)) = etcd_beside_corekv("etcdctl_session_matches_real_etcd") else {
         return;
     };
-    let ours = corekv.grpc_endpoint();
+    let compared = compare_sessions(&etcd.client, &corekv.grpc_endpoint());
+    eprintln!("differential: {compared} etcdctl steps identical to etcd 3.4 after normalization");
+}
 
+/// The same transcript against etcd and corekv, both serving https with
+/// --client-cert-auth (certificates made here), etcdctl with --cacert/--cert/--key.
+#[test]
+fn etcdctl_session_over_tls_matches_real_etcd() {
+    if skip_without_etcd("etcdctl_session_over_tls_matches_real_etcd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::certs::Pki::new(&dir.path().join("pki"), "diff");
+    let server = pki.issue("server", "server", &["127.0.0.1", "localhost"]);
+    let client = pki.issue("client", "client", &[]);
+    let serve_tls = [
+        "--cert-file",
+        server.cert(),
+        "--key-file",
+        server.key(),
+        "--trusted-ca-file",
+        pki.ca(),
+        "--client-cert-auth",
+    ];
+    let ctl_tls = vec![
+        format!("--cacert={}", pki.ca()),
+        format!("--cert={}", client.cert()),
+        format!("--key={}", client.key()),
+    ];
+    let ctl_refs: Vec<&str> = ctl_tls.iter().map(String::as_str).collect();
+    let corekv = Server::start_tls(
+        &dir.path().join("corekv"),
+        &SMALL_WAL,
+        &serve_tls,
+        &ctl_refs,
+    );
+    let ours = format!("https://{}", corekv.grpc_endpoint());
+    TLS_ARGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((ours.clone(), ctl_tls.clone()));
+    let etcd = start_etcd_tls(dir.path(), &serve_tls, &ctl_tls);
+    let compared = compare_sessions(&etcd.client, &ours);
+    eprintln!("differential over TLS: {compared} etcdctl steps identical to etcd 3.4");
+}
+
+/// etcd on an https client URL; its etcdctl flags are registered before it is waited for.
+fn start_etcd_tls(dir: &std::path::Path, serve_tls: &[&str], ctl_tls: &[String]) -> Etcd {
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    TLS_ARGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((url.clone(), ctl_tls.to_vec()));
+    start_etcd_on(dir, &url, &url, serve_tls)
+}
+
+/// Runs the KV/maintenance transcript, then the lease/watch/lock/elect session, against
+/// both endpoints; returns how many steps were compared.
+fn compare_sessions(theirs: &str, ours: &str) -> usize {
     let txn_ok = "mod(\"k1\") > \"0\"\nvalue(\"k1\") = \"v1\"\n\nput k1 \"new v\"\nget k1\ndel k9\n\nput k1 fail\n\n";
     let txn_fail = "value(\"k1\") = \"nope\"\n\nput k1 x\n\nget k1\nput k2 \"b c\"\n\n";
     let steps: Vec<(Vec<&str>, &str)> = vec![
@@ -340,14 +420,10 @@ fn etcdctl_session_matches_real_etcd() {
     ];
     let mut compared = 0;
     for (args, stdin) in &steps {
-        let a = etcdctl(&etcd.client, args, stdin);
-        let b = etcdctl(&ours, args, stdin);
-        let na = (
-            a.0,
-            normalize(&a.1, &etcd.client),
-            normalize(&a.2, &etcd.client),
-        );
-        let nb = (b.0, normalize(&b.1, &ours), normalize(&b.2, &ours));
+        let a = etcdctl(theirs, args, stdin);
+        let b = etcdctl(ours, args, stdin);
+        let na = (a.0, normalize(&a.1, theirs), normalize(&a.2, theirs));
+        let nb = (b.0, normalize(&b.1, ours), normalize(&b.2, ours));
         // Health lines carry a timing ("took = 1.2ms"): compare up to it.
         let cut = |s: &str| s.split(" took = ").next().unwrap_or("").to_string();
         assert_eq!(
@@ -359,8 +435,8 @@ fn etcdctl_session_matches_real_etcd() {
     }
     // Leases, watch, lock and elect: the same session on both; lease ids are time-based
     // by design, so ids (hex and decimal) and remaining TTLs are normalized.
-    let a = lease_watch_session(&etcd.client);
-    let b = lease_watch_session(&ours);
+    let a = lease_watch_session(theirs);
+    let b = lease_watch_session(ours);
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
         assert_eq!(
@@ -369,7 +445,7 @@ fn etcdctl_session_matches_real_etcd() {
         );
         compared += 1;
     }
-    eprintln!("differential: {compared} etcdctl steps identical to etcd 3.4 after normalization");
+    compared
 }
 
 /// One HTTP/1.1 request; returns "STATUS BODY".

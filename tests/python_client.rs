@@ -6,16 +6,71 @@
 mod common;
 use common::*;
 
-#[test]
-fn python_etcd3_scenario() {
+/// The python COREKV_PYTHON names, or None after saying the test skipped.
+fn python(test: &str) -> Option<String> {
     let Ok(python) = std::env::var("COREKV_PYTHON") else {
         assert!(
             std::env::var("COREKV_REQUIRE_ETCD").is_err(),
             "COREKV_PYTHON (a python with etcd3 installed) is required in CI"
         );
-        eprintln!(
-            "SKIPPED python_etcd3_scenario: set COREKV_PYTHON to a python with etcd3==0.12.0"
-        );
+        eprintln!("SKIPPED {test}: set COREKV_PYTHON to a python with etcd3==0.12.0");
+        return None;
+    };
+    Some(python)
+}
+
+/// The same scenario over TLS: https with --client-cert-auth, etcd3's ca_cert /
+/// cert_cert / cert_key.
+#[test]
+fn python_etcd3_scenario_over_tls() {
+    let Some(python) = python("python_etcd3_scenario_over_tls") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::certs::Pki::new(&dir.path().join("pki"), "py");
+    let server = pki.issue("server", "server", &["127.0.0.1", "localhost"]);
+    let client = pki.issue("client", "client", &[]);
+    let serve_tls = [
+        "--cert-file",
+        server.cert(),
+        "--key-file",
+        server.key(),
+        "--trusted-ca-file",
+        pki.ca(),
+        "--client-cert-auth",
+    ];
+    let ctl = [
+        format!("--cacert={}", pki.ca()),
+        format!("--cert={}", client.cert()),
+        format!("--key={}", client.key()),
+    ];
+    let ctl: Vec<&str> = ctl.iter().map(String::as_str).collect();
+    let s = Server::start_tls(&dir.path().join("d"), &SMALL_WAL, &serve_tls, &ctl);
+    let out = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/etcd3_scenario.py"
+        ))
+        .args([
+            s.grpc_endpoint().as_str(),
+            pki.ca(),
+            client.cert(),
+            client.key(),
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "etcd3 scenario over TLS failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("etcd3 scenario: ok (TLS)"));
+}
+
+#[test]
+fn python_etcd3_scenario() {
+    let Some(python) = python("python_etcd3_scenario") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

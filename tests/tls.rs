@@ -280,6 +280,52 @@ fn client_cert_auth_serves_etcdctl_and_refuses_strangers() {
 }
 
 #[test]
+fn client_cert_allowed_hostname_is_enforced() {
+    if !have_etcdctl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"), "main");
+    let server = pki.issue("server", "corekv-server", &["127.0.0.1"]);
+    let named = pki.issue("named", "named", &["client.example"]);
+    let other = pki.issue("other", "other", &["elsewhere.example"]);
+    let mut m = serve(
+        &dir.path().join("data"),
+        &[
+            "--cert-file",
+            server.cert(),
+            "--key-file",
+            server.key(),
+            "--trusted-ca-file",
+            pki.ca(),
+            "--client-cert-auth",
+            "--client-cert-allowed-hostname",
+            "client.example",
+        ],
+        &[],
+    );
+    let ep = format!("https://127.0.0.1:{}", m.grpc);
+    let good = client_args(pki.ca(), &named);
+    wait_healthy(&mut m, &ep, &refs(&good));
+    let bad = client_args(pki.ca(), &other);
+    let o = etcdctl(&ep, &refs(&bad), &["put", "k", "v"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        m.log()
+            .contains("certificate is not valid for client.example"),
+        "{}",
+        m.log()
+    );
+    let native = format!("https://127.0.0.1:{}", m.native);
+    let n = Command::new(BIN)
+        .args(["put", "k", "v", "--endpoints", &native])
+        .args(refs(&bad))
+        .output()
+        .unwrap();
+    assert!(!n.status.success(), "{}", text(&n));
+}
+
+#[test]
 fn cn_is_the_user_with_auth_enabled() {
     if !have_etcdctl() {
         return;
@@ -456,6 +502,8 @@ fn https_without_certificates_and_bad_tls_flags_stop_start_up() {
     assert!(e.contains("--peer-cert-file"), "{e}");
     let e = run(&["--client-cert-auth"]);
     assert!(e.contains("--client-cert-auth needs --cert-file"), "{e}");
+    let e = run(&["--client-crl-file", "/nonexistent"]);
+    assert!(e.contains("--client-crl-file needs --cert-file"), "{e}");
     let e = run(&["--listen-client-urls", "unix://sock"]);
     assert!(e.contains("unix"), "{e}");
     let pki = Pki::new(&dir.path().join("pki"), "main");
@@ -480,6 +528,18 @@ fn https_without_certificates_and_bad_tls_flags_stop_start_up() {
         "TLS_RSA_WITH_RC4_128_SHA",
     ]);
     assert!(e.contains("unsupported cipher suite"), "{e}");
+    let e = run(&[
+        "--cert-file",
+        s.cert(),
+        "--key-file",
+        s.key(),
+        "--client-cert-allowed-hostname",
+        "x.example",
+    ]);
+    assert!(
+        e.contains("--client-cert-allowed-hostname needs --client-cert-auth"),
+        "{e}"
+    );
     // Nothing was left listening or half-made that the next start trips over.
     assert!(!dir.path().join("d").join("member").join("wal").exists());
 }

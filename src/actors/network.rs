@@ -1270,6 +1270,9 @@ async fn accept_conn(shard: Rc<Shard>, stream: TcpStream, tls: Option<crate::tls
             Ok(Err(e)) => return tracing::info!(?peer, "native TLS handshake refused: {e}"),
             Err(e) => return tracing::info!(?peer, "native TLS handshake: {e}"),
         };
+    if let Err(e) = crate::tls::check_identity(&tls, stream.get_ref().1.peer_certificates()) {
+        return tracing::info!(?peer, "native TLS refused: {e}");
+    }
     // With --client-cert-auth the verified certificate's CN is the user (as etcd).
     let cert_user = if tls.client_cert_auth {
         stream

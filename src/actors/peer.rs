@@ -359,8 +359,7 @@ async fn dial(ctx: &Ctx, url: &str) -> Result<PeerStream, String> {
         Ok(Err(e)) => return Err(format!("TLS handshake with {addr}: {e}")),
         Err(e) => return Err(format!("TLS handshake with {addr}: {e}")),
     };
-    crate::tls::check_peer_identity(side, s.peer_certificates())
-        .map_err(|e| format!("{addr}: {e}"))?;
+    crate::tls::check_identity(side, s.peer_certificates()).map_err(|e| format!("{addr}: {e}"))?;
     Ok(s)
 }
 
@@ -650,7 +649,7 @@ async fn accept_tls(ctx: &Ctx, tcp: glommio::net::TcpStream) -> Result<PeerStrea
         Ok(Err(e)) => return Err(format!("TLS handshake refused: {e}")),
         Err(e) => return Err(format!("TLS handshake: {e}")),
     };
-    crate::tls::check_peer_identity(side, s.peer_certificates())?;
+    crate::tls::check_identity(side, s.peer_certificates())?;
     Ok(s)
 }
 
@@ -729,7 +728,14 @@ fn may_speak_for(
     remote: Option<std::net::SocketAddr>,
     s: &PeerStream,
 ) -> Result<(), String> {
-    if ctx.tls.as_ref().is_some_and(|t| t.client_cert_auth) && s.is_tls() {
+    if let Some(side) = ctx
+        .tls
+        .as_ref()
+        .filter(|t| t.client_cert_auth && s.is_tls())
+    {
+        if side.skip_client_san {
+            return Ok(()); // signed by the peer CA is enough, by the operator's choice
+        }
         let leaf = s
             .peer_certificates()
             .and_then(|c| c.first())
@@ -1052,7 +1058,7 @@ pub fn fetch_members(
                 .map_err(|e| format!("TLS: {e}"))?;
             let mut t = rustls::StreamOwned::new(conn, s);
             let ack = exchange(&mut t, &hello).map_err(|e| format!("TLS: {e}"))?;
-            crate::tls::check_peer_identity(side, t.conn.peer_certificates())?;
+            crate::tls::check_identity(side, t.conn.peer_certificates())?;
             Ok(ack)
         };
         match attempt() {

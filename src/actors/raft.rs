@@ -122,7 +122,7 @@ impl RaftActor {
                 .entries
                 .iter()
                 .take_while(|e| e.index <= log.committed)
-                .find(|e| log.term(e.index).map_or(true, |t| t != e.term))
+                .find(|e| log.term(e.index).ok() != Some(e.term))
                 .map(|e| format!("append rewrites committed entry {}", e.index)),
             MessageType::MsgAppendResponse if !m.reject && m.index > last => Some(format!(
                 "append response for index {} beyond the last index {last}",

@@ -125,6 +125,7 @@ pub fn incoming(
                 continue;
             };
             let tx = tx.clone();
+            let side = tls.clone();
             tokio::spawn(async move {
                 let timeout = std::time::Duration::from_millis(crate::tls::HANDSHAKE_TIMEOUT_MS);
                 let s = match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
@@ -134,6 +135,13 @@ pub fn incoming(
                     }
                     Err(_) => return tracing::info!(%remote, "client TLS handshake timed out"),
                 };
+                if let Some(side) = &side {
+                    if let Err(e) =
+                        crate::tls::check_identity(side, s.get_ref().1.peer_certificates())
+                    {
+                        return tracing::info!(%remote, "client TLS refused: {e}");
+                    }
+                }
                 let cert_user = if cn_is_user {
                     s.get_ref()
                         .1

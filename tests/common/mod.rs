@@ -38,11 +38,34 @@ pub struct Server {
     pub peer_port: u16,
     pub extra: Vec<String>,
     pub log: PathBuf,
+    /// TLS: the serve flags giving the certificates and the CLI's --cacert/--cert/--key;
+    /// then the client and native URLs are https. None: plaintext.
+    pub tls: Option<(Vec<String>, Vec<String>)>,
 }
 
 impl Server {
     /// Starts a server in `data_dir` and waits until it accepts connections.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with(data_dir, extra, None)
+    }
+
+    /// A server whose client and native URLs are https: `serve_tls` are its certificate
+    /// flags, `ctl_tls` what its own CLI calls pass (--cacert, --cert, --key).
+    pub fn start_tls(
+        data_dir: &Path,
+        extra: &[&str],
+        serve_tls: &[&str],
+        ctl_tls: &[&str],
+    ) -> Server {
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        Server::start_with(data_dir, extra, Some((own(serve_tls), own(ctl_tls))))
+    }
+
+    fn start_with(
+        data_dir: &Path,
+        extra: &[&str],
+        tls: Option<(Vec<String>, Vec<String>)>,
+    ) -> Server {
         let mut s = Server {
             child: None,
             data_dir: data_dir.to_path_buf(),
@@ -51,9 +74,18 @@ impl Server {
             peer_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: data_dir.with_extension("log"),
+            tls,
         };
         s.restart();
         s
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -67,18 +99,22 @@ impl Server {
     /// The command line `corekv serve` runs with (for tests that expect a failure).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
+        let scheme = self.scheme();
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-native-urls")
-            .arg(format!("http://127.0.0.1:{}", self.port))
+            .arg(format!("{scheme}://127.0.0.1:{}", self.port))
             .arg("--listen-client-urls")
-            .arg(format!("http://127.0.0.1:{}", self.grpc_port))
+            .arg(format!("{scheme}://127.0.0.1:{}", self.grpc_port))
             .arg("--advertise-client-urls")
-            .arg(format!("http://127.0.0.1:{}", self.grpc_port))
+            .arg(format!("{scheme}://127.0.0.1:{}", self.grpc_port))
             .arg("--listen-peer-urls")
             .arg(format!("http://127.0.0.1:{}", self.peer_port))
             .args(&self.extra);
+        if let Some((serve_tls, _)) = &self.tls {
+            cmd.args(serve_tls);
+        }
         cmd
     }
 
@@ -144,10 +180,15 @@ impl Server {
     }
 
     pub fn ctl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        let (endpoint, ctl_tls) = match &self.tls {
+            Some((_, ctl)) => (format!("https://{}", self.endpoint()), ctl.clone()),
+            None => (self.endpoint(), Vec::new()),
+        };
         let mut child = Command::new(BIN)
             .args(args)
             .arg("--endpoints")
-            .arg(self.endpoint())
+            .arg(endpoint)
+            .args(ctl_tls)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,12 +1,18 @@
 """A config-centre scenario with the Python `etcd3` client (python-etcd3 0.12) against
 corekv's gRPC API: put/get, prefix listing, delete, compare-and-swap transactions,
-and etcd's errors. Usage: python etcd3_scenario.py HOST:PORT"""
+and etcd's errors. Usage: python etcd3_scenario.py HOST:PORT [CA CERT KEY] (TLS with a
+client certificate when the three files are given)"""
 import sys
 
 import etcd3
 
 host, port = sys.argv[1].rsplit(":", 1)
-client = etcd3.client(host=host, port=int(port))
+tls = sys.argv[2:5]
+if tls:
+    ca, cert, key = tls
+    client = etcd3.client(host=host, port=int(port), ca_cert=ca, cert_cert=cert, cert_key=key)
+else:
+    client = etcd3.client(host=host, port=int(port))
 
 client.put("/config/app/db_url", "postgres://db:5432")
 client.put("/config/app/pool", "10")
@@ -65,4 +71,4 @@ try:
 except Exception as e:  # grpc.RpcError with etcd's message
     assert "key is not provided" in str(e), e
 
-print("etcd3 scenario: ok")
+print("etcd3 scenario: ok" + (" (TLS)" if tls else ""))
