@@ -240,6 +240,7 @@ impl Deployment {
         let deadline = Instant::now() + READY_TIMEOUT;
         let rt = crate::tokio_runtime()?;
         for (i, ep) in self.grpc.clone().iter().enumerate() {
+            let mut last_err = String::new();
             loop {
                 if let Ok(Some(status)) = self.children[i].try_wait() {
                     return Err(format!(
@@ -251,8 +252,12 @@ impl Deployment {
                 }
                 let url = crate::grpc_url_n(ep, 0);
                 let ok = rt.block_on(async {
-                    let Ok(ch) = crate::grpc_channel(&url).await else {
-                        return false;
+                    let ch = match crate::grpc_channel(&url).await {
+                        Ok(ch) => ch,
+                        Err(e) => {
+                            last_err = e;
+                            return false;
+                        }
                     };
                     let mut kv = corekv::etcdpb::etcdserverpb::kv_client::KvClient::new(ch);
                     let put = corekv::etcdpb::etcdserverpb::PutRequest {
@@ -260,16 +265,24 @@ impl Deployment {
                         value: b"ready".to_vec(),
                         ..Default::default()
                     };
-                    tokio::time::timeout(Duration::from_secs(2), kv.put(put))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
+                    match tokio::time::timeout(Duration::from_secs(2), kv.put(put)).await {
+                        Ok(Ok(_)) => true,
+                        Ok(Err(e)) => {
+                            last_err = e.to_string();
+                            false
+                        }
+                        Err(_) => {
+                            last_err = "put timed out".into();
+                            false
+                        }
+                    }
                 });
                 if ok {
                     break;
                 }
                 if Instant::now() > deadline {
                     return Err(format!(
-                        "{:?} member {} not ready after {READY_TIMEOUT:?}: {}",
+                        "{:?} member {} not ready after {READY_TIMEOUT:?} ({last_err}): {}",
                         self.system,
                         i + 1,
                         self.log_tail(i)

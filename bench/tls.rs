@@ -127,6 +127,11 @@ fn make_certs(dir: &Path) -> Result<SpawnCerts, String> {
 
 /// A TCP connection to `url`'s host:port, with TLS for `https://` (ALPN h2).
 pub async fn dial(url: &http::Uri) -> Result<Box<dyn Io>, String> {
+    dial_as(url, url.scheme_str() == Some("https")).await
+}
+
+/// `dial`, with TLS when `https` whatever the URI's scheme says.
+async fn dial_as(url: &http::Uri, https: bool) -> Result<Box<dyn Io>, String> {
     let authority = url
         .authority()
         .ok_or_else(|| format!("{url}: no host:port"))?
@@ -137,7 +142,7 @@ pub async fn dial(url: &http::Uri) -> Result<Box<dyn Io>, String> {
         .map_err(|e| format!("dial {authority}: {e}"))?;
     tcp.set_nodelay(true)
         .map_err(|e| format!("{authority}: {e}"))?;
-    if url.scheme_str() != Some("https") {
+    if !https {
         return Ok(Box::new(tcp));
     }
     let tls = CLIENT_TLS
@@ -178,9 +183,13 @@ pub fn http_get(endpoint: &str, path: &str, timeout: std::time::Duration) -> Opt
     Some(body)
 }
 
-/// tonic's channel dials through `dial` (no tonic TLS feature needed).
+/// tonic's channel dials through `dial_as`. tonic is handed `http://` URIs and this
+/// connector does the TLS: when a feature elsewhere in the build (etcd-client's `tls`)
+/// turns on tonic's own TLS, tonic refuses an `https://` URI it has no TLS config for.
 #[derive(Clone)]
-pub struct Dialer;
+pub struct Dialer {
+    pub https: bool,
+}
 
 impl tower_service::Service<http::Uri> for Dialer {
     type Response = hyper_util::rt::TokioIo<Box<dyn Io>>;
@@ -192,6 +201,7 @@ impl tower_service::Service<http::Uri> for Dialer {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        Box::pin(async move { dial(&uri).await.map(hyper_util::rt::TokioIo::new) })
+        let https = self.https;
+        Box::pin(async move { dial_as(&uri, https).await.map(hyper_util::rt::TokioIo::new) })
     }
 }

@@ -47,14 +47,35 @@ pub const ETCD_FLAGS: &[&str] = &[
     "peer-cert-allowed-hostname",
     "client-cert-allowed-hostname",
     "experimental-peer-skip-client-san-verification",
+    "grpc-keepalive-interval",
+    "grpc-keepalive-timeout",
+    "grpc-keepalive-min-time",
+    "max-concurrent-streams",
 ];
+
+/// etcd flags whose corekv flag has another name: (etcd's, corekv's).
+const ETCD_RENAMED: &[(&str, &str)] = &[
+    (
+        "experimental-watch-progress-notify-interval",
+        "watch-progress-notify-interval",
+    ),
+    (
+        "experimental-lease-checkpoint-interval",
+        "lease-checkpoint-interval",
+    ),
+];
+
+fn env_name(prefix: &str, flag: &str) -> String {
+    format!("{prefix}_{}", flag.to_uppercase().replace('-', "_"))
+}
 
 /// `ETCD_*` variables in the environment that name no flag corekv implements (etcd
 /// warns about its unrecognized ones the same way); the server logs each at start-up.
 pub fn unknown_etcd_env() -> Vec<String> {
     let known: Vec<String> = ETCD_FLAGS
         .iter()
-        .map(|f| format!("ETCD_{}", f.to_uppercase().replace('-', "_")))
+        .chain(ETCD_RENAMED.iter().map(|(etcd, _)| etcd))
+        .map(|f| env_name("ETCD", f))
         .collect();
     let mut out: Vec<String> = std::env::vars_os()
         .filter_map(|(k, _)| k.into_string().ok())
@@ -66,11 +87,14 @@ pub fn unknown_etcd_env() -> Vec<String> {
 
 /// Copies `ETCD_X` to `COREKV_X` where only the former is set, before clap reads env.
 pub fn import_etcd_env() {
-    for flag in ETCD_FLAGS {
-        let suffix = flag.to_uppercase().replace('-', "_");
-        let ours = format!("COREKV_{suffix}");
+    let pairs = ETCD_FLAGS
+        .iter()
+        .map(|f| (*f, *f))
+        .chain(ETCD_RENAMED.iter().copied());
+    for (etcd, corekv) in pairs {
+        let ours = env_name("COREKV", corekv);
         if std::env::var_os(&ours).is_none() {
-            if let Some(v) = std::env::var_os(format!("ETCD_{suffix}")) {
+            if let Some(v) = std::env::var_os(env_name("ETCD", etcd)) {
                 // SAFETY: called at start-up before any other thread exists.
                 unsafe { std::env::set_var(&ours, v) };
             }

@@ -10,7 +10,7 @@ mod common;
 use common::cluster::Cluster;
 use corekv::actors::peer::{
     encode_frame, encode_messages, Hello, HelloAck, Purpose, KIND_HELLO, KIND_HELLO_ACK,
-    KIND_MESSAGES,
+    KIND_MESSAGES, KIND_SNAP_CHUNK, KIND_SNAP_END,
 };
 use raft::eraftpb::{Message, MessageType};
 use std::io::{Read, Write};
@@ -62,7 +62,9 @@ fn rss_kib(pid: u32) -> u64 {
 fn outsiders_on_the_peer_port_are_refused_and_bad_messages_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start(dir.path(), 61, 3, &[]);
-    c.leader(Duration::from_secs(10)).expect("leader");
+    let leader = c.leader(Duration::from_secs(10)).expect("leader");
+    // The member an insider message claims to come from: not the leader.
+    let sender = if leader == 1 { 2 } else { 1 };
     let ids: Vec<u64> = c
         .nodes
         .iter()
@@ -148,14 +150,15 @@ fn outsiders_on_the_peer_port_are_refused_and_bad_messages_dropped() {
     );
     drop(held);
 
-    // From member 2's own address (plaintext cannot tell it apart): a heartbeat whose
-    // commit is far beyond the log, and a message addressed to another member.
-    let mut s = connect_from(&c.nodes[1].ip, &target);
-    let ack = hello(&mut s, &raft_hello(ids[1]));
+    // From a follower's own address (plaintext cannot tell it apart): a heartbeat whose
+    // commit is far beyond the log, a snapshot from a member that does not lead, and a
+    // message addressed to another member.
+    let mut s = connect_from(&c.nodes[sender].ip, &target);
+    let ack = hello(&mut s, &raft_hello(ids[sender]));
     assert!(matches!(ack, Some(HelloAck::Ok)), "{ack:?}");
     let mut m = Message::default();
     m.set_msg_type(MessageType::MsgHeartbeat);
-    m.from = ids[1];
+    m.from = ids[sender];
     m.to = ids[0];
     m.term = 0; // a stale term: raft ignores it whatever the commit
     m.commit = 1_000_000_000;
@@ -167,7 +170,27 @@ fn outsiders_on_the_peer_port_are_refused_and_bad_messages_dropped() {
         assert!(Instant::now() < deadline, "{}", c.nodes[0].log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
-    m.to = ids[2];
+    let term = c.nodes[0].status().expect("status").2;
+    let mut snap = Message::default();
+    snap.set_msg_type(MessageType::MsgSnapshot);
+    snap.from = ids[sender];
+    snap.to = ids[0];
+    snap.term = term;
+    snap.mut_snapshot().mut_metadata().index = 1_000_000;
+    snap.mut_snapshot().mut_metadata().term = term;
+    let data = b"not a snapshot";
+    frame.clear();
+    encode_frame(&mut frame, KIND_SNAP_CHUNK, data);
+    let mut end = crc32c::crc32c(data).to_le_bytes().to_vec();
+    end.extend_from_slice(&protobuf::Message::write_to_bytes(&snap).unwrap());
+    encode_frame(&mut frame, KIND_SNAP_END, &end);
+    s.write_all(&frame).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.nodes[0].log_text().contains("not the leader") {
+        assert!(Instant::now() < deadline, "{}", c.nodes[0].log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.to = ids[3 - sender]; // the third member
     frame.clear();
     encode_frame(&mut frame, KIND_MESSAGES, &encode_messages(&[m]));
     s.write_all(&frame).unwrap();

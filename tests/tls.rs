@@ -48,10 +48,22 @@ impl Member {
     }
 }
 
-/// `corekv serve` with https client and native URLs (`tls_args` give the certificates).
+/// `corekv serve` with https client and native URLs (`tls_args` give the certificates;
+/// plaintext peer URLs unless they give theirs).
 fn serve(dir: &Path, tls_args: &[&str], extra_env: &[(&str, &str)]) -> Member {
     let (grpc, native, peer) = (free_port(), free_port(), free_port());
     let log = dir.with_extension("log");
+    let peer_urls = if tls_args.contains(&"--listen-peer-urls") {
+        Vec::new()
+    } else {
+        let url = format!("http://127.0.0.1:{peer}");
+        vec![
+            "--listen-peer-urls".to_string(),
+            url.clone(),
+            "--initial-advertise-peer-urls".to_string(),
+            url,
+        ]
+    };
     let child = Command::new(BIN)
         .arg("serve")
         .arg("--data-dir")
@@ -63,13 +75,10 @@ fn serve(dir: &Path, tls_args: &[&str], extra_env: &[(&str, &str)]) -> Member {
             &format!("https://127.0.0.1:{grpc}"),
             "--listen-native-urls",
             &format!("https://127.0.0.1:{native}"),
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
             "--cores",
             "1",
         ])
+        .args(&peer_urls)
         .args(tls_args)
         .envs(extra_env.iter().copied())
         .stdout(Stdio::null())
@@ -628,4 +637,39 @@ fn etcd_env_file_settings_are_honoured_and_unknown_ones_warned() {
         !log.contains("unrecognized environment variable ETCD_CERT_FILE"),
         "{log}"
     );
+}
+
+#[test]
+fn auto_tls_serves_with_generated_certificates() {
+    if !have_etcdctl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let peer = free_port();
+    let mut m = serve(
+        &data,
+        &[
+            "--auto-tls",
+            "--peer-auto-tls",
+            "--listen-peer-urls",
+            &format!("https://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("https://127.0.0.1:{peer}"),
+        ],
+        &[],
+    );
+    let ep = format!("https://127.0.0.1:{}", m.grpc);
+    // etcdctl applies --insecure-skip-tls-verify only with its own TLS config on.
+    let skip = ["--insecure-transport=false", "--insecure-skip-tls-verify"];
+    wait_healthy(&mut m, &ep, &skip);
+    let put = etcdctl(&ep, &skip, &["put", "auto", "1"]);
+    assert!(put.status.success(), "{}", text(&put));
+    // Self-signed: a client that verifies refuses it.
+    let strict = etcdctl(&ep, &[], &["get", "auto"]);
+    assert!(!strict.status.success(), "{}", text(&strict));
+    for side in ["client", "peer"] {
+        let cert = data.join("fixtures").join(side).join("cert.pem");
+        assert!(cert.exists(), "{} missing", cert.display());
+    }
 }
