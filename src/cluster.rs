@@ -59,6 +59,15 @@ pub fn host_port(url: &str) -> String {
         .to_string()
 }
 
+/// The host of a URL or host:port, without port or IPv6 brackets.
+pub fn host_of(url: &str) -> String {
+    let hp = host_port(url);
+    match hp.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => hp,
+    }
+}
+
 /// Splits a comma-separated URL list, trimmed, empty items dropped.
 pub fn url_list(s: &str) -> Vec<String> {
     s.split(',')

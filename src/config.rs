@@ -532,13 +532,7 @@ pub struct ServerTls {
 fn hosts(urls: &[String]) -> Vec<String> {
     let mut out: Vec<String> = urls
         .iter()
-        .map(|u| {
-            let hp = crate::cluster::host_port(u);
-            match hp.rsplit_once(':') {
-                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                None => hp,
-            }
-        })
+        .map(|u| crate::cluster::host_of(u))
         .filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::")
         .collect();
     out.sort();

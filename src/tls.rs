@@ -691,11 +691,8 @@ pub fn cert_valid_for(cert: &CertificateDer<'_>, host: &str) -> bool {
 
 /// The TLS server name for dialing `host:port` (an IP or a DNS name).
 pub fn server_name(hostport: &str) -> Result<ServerName<'static>, String> {
-    let host = match hostport.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-        None => hostport,
-    };
-    ServerName::try_from(host.to_string()).map_err(|e| format!("TLS server name {host:?}: {e}"))
+    let host = crate::cluster::host_of(hostport);
+    ServerName::try_from(host.clone()).map_err(|e| format!("TLS server name {host:?}: {e}"))
 }
 
 /// `https://` (TLS) or `http://` / no scheme (plaintext); anything else is refused.
@@ -786,6 +783,38 @@ mod tests {
             Some("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256")
         ))
         .is_err());
+    }
+
+    #[test]
+    fn allowed_cn_and_hostname_are_checked() {
+        let mut params = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "member-a");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().clone();
+        let side = |cn: Option<&str>, host: Option<&str>| {
+            let flags = TlsFlags {
+                side: "peer",
+                auto_tls: true,
+                ..Default::default()
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = build_side(&flags, &TlsOptions::default(), dir.path(), &[])
+                .unwrap()
+                .unwrap();
+            s.allowed_cn = cn.map(str::to_owned);
+            s.allowed_hostname = host.map(str::to_owned);
+            s
+        };
+        let certs = [der];
+        assert_eq!(common_name(&certs[0]).as_deref(), Some("member-a"));
+        assert!(check_identity(&side(Some("member-a"), None), Some(&certs)).is_ok());
+        assert!(check_identity(&side(Some("member-b"), None), Some(&certs)).is_err());
+        assert!(check_identity(&side(None, Some("a.example")), Some(&certs)).is_ok());
+        assert!(check_identity(&side(None, Some("b.example")), Some(&certs)).is_err());
+        assert!(check_identity(&side(Some("member-a"), None), None).is_err());
+        assert!(check_identity(&side(None, None), None).is_ok());
     }
 
     #[test]

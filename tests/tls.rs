@@ -237,6 +237,42 @@ fn client_cert_auth_serves_etcdctl_and_refuses_strangers() {
     // The revoked certificate was refused for its revocation (the CRL), nothing else.
     assert!(log.contains("Revoked"), "{log}");
 
+    // The JSON gateway on the same TLS port (HTTP/1.1 over TLS), with and without a
+    // client certificate.
+    let curl = |cert: Option<&Leaf>| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "--max-time", "5", "--cacert", pki.ca()]);
+        if let Some(l) = cert {
+            c.args(["--cert", l.cert(), "--key", l.key()]);
+        }
+        c.args(["-X", "POST", "-d", r#"{"key":"dGxzLWtleQ=="}"#])
+            .arg(format!("https://127.0.0.1:{}/v3/kv/range", m.grpc))
+            .output()
+            .expect("run curl")
+    };
+    if Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let got = curl(Some(&alice));
+        assert!(got.status.success(), "{}", text(&got));
+        // base64("tls-value")
+        assert!(text(&got).contains("dGxzLXZhbHVl"), "{}", text(&got));
+        let bare = curl(None);
+        assert!(
+            !bare.status.success(),
+            "gateway served without a client cert: {}",
+            text(&bare)
+        );
+    } else {
+        assert!(
+            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
+            "curl missing but COREKV_REQUIRE_ETCD is set"
+        );
+        eprintln!("SKIPPED the gateway-over-TLS part: apt-get install curl");
+    }
+
     // The native port: corekv's CLI with etcdctl's flags; refused without a certificate.
     let native = format!("https://127.0.0.1:{}", m.native);
     let got = Command::new(BIN)

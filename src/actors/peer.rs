@@ -705,19 +705,6 @@ async fn inbound(
     }
 }
 
-/// Hosts of `urls` (no port, no brackets).
-fn url_hosts(urls: &[String]) -> Vec<String> {
-    urls.iter()
-        .map(|u| {
-            let hp = crate::cluster::host_port(u);
-            match hp.rsplit_once(':') {
-                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                None => hp,
-            }
-        })
-        .collect()
-}
-
 /// May a connection from `remote` over `s` speak for the member with `urls`? With peer
 /// client-certificate auth: its certificate must be valid for one of the URLs' hosts.
 /// Without: its source address must be one of the URLs' IPs (or their resolved
@@ -740,7 +727,7 @@ fn may_speak_for(
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or("no client certificate")?;
-        let hosts = url_hosts(urls);
+        let hosts: Vec<String> = urls.iter().map(|u| crate::cluster::host_of(u)).collect();
         let valid = hosts.iter().any(|h| crate::tls::cert_valid_for(leaf, h));
         return if valid {
             Ok(())
@@ -755,7 +742,8 @@ fn may_speak_for(
         return Err("no peer address".into());
     };
     let mut allowed = Vec::new();
-    for (u, host) in urls.iter().zip(url_hosts(urls)) {
+    for u in urls {
+        let host = crate::cluster::host_of(u);
         if let Some(sa) = ctx.resolved.get(&crate::cluster::host_port(u)) {
             allowed.push(sa.ip().to_canonical());
         } else if let Ok(a) = host.parse::<std::net::IpAddr>() {
