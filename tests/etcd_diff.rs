@@ -313,23 +313,9 @@ fn etcdctl_session_over_tls_matches_real_etcd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pki = common::certs::Pki::new(&dir.path().join("pki"), "diff");
-    let server = pki.issue("server", "server", &["127.0.0.1", "localhost"]);
-    let client = pki.issue("client", "client", &[]);
-    let serve_tls = [
-        "--cert-file",
-        server.cert(),
-        "--key-file",
-        server.key(),
-        "--trusted-ca-file",
-        pki.ca(),
-        "--client-cert-auth",
-    ];
-    let ctl_tls = vec![
-        format!("--cacert={}", pki.ca()),
-        format!("--cert={}", client.cert()),
-        format!("--key={}", client.key()),
-    ];
+    let certs = common::certs::ClientCertSetup::new(dir.path(), "diff");
+    let serve_tls = certs.serve_args();
+    let ctl_tls = certs.ctl_args();
     let ctl_refs: Vec<&str> = ctl_tls.iter().map(String::as_str).collect();
     let corekv = Server::start_tls(
         &dir.path().join("corekv"),

@@ -201,25 +201,11 @@ fn etcd_client_crate_scenario() {
 #[test]
 fn etcd_client_crate_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = common::certs::Pki::new(&dir.path().join("pki"), "rust");
-    let server = pki.issue("server", "server", &["127.0.0.1", "localhost"]);
-    let client = pki.issue("client", "client", &[]);
-    let serve_tls = [
-        "--cert-file",
-        server.cert(),
-        "--key-file",
-        server.key(),
-        "--trusted-ca-file",
-        pki.ca(),
-        "--client-cert-auth",
-    ];
-    let ctl = [
-        format!("--cacert={}", pki.ca()),
-        format!("--cert={}", client.cert()),
-        format!("--key={}", client.key()),
-    ];
+    let certs = common::certs::ClientCertSetup::new(dir.path(), "rust");
+    let (pki, client) = (&certs.pki, &certs.client);
+    let ctl = certs.ctl_args();
     let ctl: Vec<&str> = ctl.iter().map(String::as_str).collect();
-    let s = Server::start_tls(&dir.path().join("d"), &SMALL_WAL, &serve_tls, &ctl);
+    let s = Server::start_tls(&dir.path().join("d"), &SMALL_WAL, &certs.serve_args(), &ctl);
     let ep = format!("https://{}", s.grpc_endpoint());
     let read = |p: &std::path::Path| std::fs::read(p).unwrap();
     let tls = etcd_client::TlsOptions::new()

@@ -23,21 +23,6 @@ fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn have_etcdctl() -> bool {
-    let ok = Command::new("etcdctl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
-            "etcdctl missing but COREKV_REQUIRE_ETCD is set"
-        );
-        eprintln!("SKIPPED: apt-get install etcd-client");
-    }
-    ok
-}
-
 /// The kvs of `get "" --from-key -w json` (the header's member/cluster IDs aside).
 fn all_kvs(endpoint: &str) -> serde_json::Value {
     let (ok, out, err) = etcdctl(endpoint, &["get", "", "--from-key", "-w", "json"]);

@@ -7,26 +7,10 @@
 mod common;
 
 use common::certs::{Leaf, Pki};
-use common::{free_port, BIN};
+use common::{free_port, have_etcdctl, BIN};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn have_etcdctl() -> bool {
-    let ok = Command::new("etcdctl")
-        .arg("version")
-        .env("ETCDCTL_API", "3")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
-            "etcdctl missing but COREKV_REQUIRE_ETCD is set"
-        );
-        eprintln!("SKIPPED: apt-get install etcd-client");
-    }
-    ok
-}
 
 struct Member {
     child: Child,

@@ -122,3 +122,47 @@ impl Pki {
         path
     }
 }
+
+/// The usual TLS test set-up: a CA, a server certificate for 127.0.0.1/localhost and a
+/// client certificate (CN `client`), with the `serve` flags for https client URLs under
+/// --client-cert-auth and the etcdctl/corekv CLI flags that pass them.
+pub struct ClientCertSetup {
+    pub pki: Pki,
+    pub server: Leaf,
+    pub client: Leaf,
+}
+
+impl ClientCertSetup {
+    pub fn new(dir: &Path, name: &str) -> ClientCertSetup {
+        let pki = Pki::new(&dir.join(format!("pki-{name}")), name);
+        let server = pki.issue("server", "server", &["127.0.0.1", "localhost"]);
+        let client = pki.issue("client", "client", &[]);
+        ClientCertSetup {
+            pki,
+            server,
+            client,
+        }
+    }
+
+    /// `corekv serve` / etcd flags: certificate, key, CA, --client-cert-auth.
+    pub fn serve_args(&self) -> Vec<&str> {
+        vec![
+            "--cert-file",
+            self.server.cert(),
+            "--key-file",
+            self.server.key(),
+            "--trusted-ca-file",
+            self.pki.ca(),
+            "--client-cert-auth",
+        ]
+    }
+
+    /// etcdctl's (and corekv's) --cacert/--cert/--key for the client certificate.
+    pub fn ctl_args(&self) -> Vec<String> {
+        vec![
+            format!("--cacert={}", self.pki.ca()),
+            format!("--cert={}", self.client.cert()),
+            format!("--key={}", self.client.key()),
+        ]
+    }
+}

@@ -250,6 +250,24 @@ pub fn gateway_post(endpoint: &str, path: &str, token: Option<&str>, body: &str)
     format!("{status} {body}")
 }
 
+/// Whether etcdctl runs here; without it a test prints SKIPPED (and fails under
+/// COREKV_REQUIRE_ETCD, as CI sets).
+pub fn have_etcdctl() -> bool {
+    let ok = Command::new("etcdctl")
+        .arg("version")
+        .env("ETCDCTL_API", "3")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("COREKV_REQUIRE_ETCD").is_err(),
+            "etcdctl missing but COREKV_REQUIRE_ETCD is set"
+        );
+        eprintln!("SKIPPED: apt-get install etcd-client");
+    }
+    ok
+}
+
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
 }
