@@ -64,6 +64,14 @@ impl TlsFlags {
         }
     }
 
+    /// The flag of `crl_file` on this side.
+    fn crl_flag(&self) -> &'static str {
+        match self.side {
+            "peer" => "--peer-crl-file",
+            _ => "--client-crl-file",
+        }
+    }
+
     /// The flag of `allowed_hostname` on this side.
     fn hostname_flag(&self) -> &'static str {
         match self.side {
@@ -531,22 +539,13 @@ pub fn build_side(
             (c, k, true)
         }
         _ => {
-            let peer = flags.side == "peer";
             for (set, name) in [
                 (
                     flags.trusted_ca_file.is_some(),
                     flags.flag("trusted-ca-file"),
                 ),
                 (flags.client_cert_auth, flags.flag("client-cert-auth")),
-                (
-                    flags.crl_file.is_some(),
-                    if peer {
-                        "--peer-crl-file"
-                    } else {
-                        "--client-crl-file"
-                    }
-                    .to_string(),
-                ),
+                (flags.crl_file.is_some(), flags.crl_flag().to_string()),
                 (
                     flags.allowed_cn.is_some(),
                     "--peer-cert-allowed-cn".to_string(),
@@ -603,11 +602,7 @@ pub fn build_side(
         if flags.crl_file.is_some() {
             return Err(format!(
                 "{} needs {}: without it no client certificate is asked for",
-                if flags.side == "peer" {
-                    "--peer-crl-file"
-                } else {
-                    "--client-crl-file"
-                },
+                flags.crl_flag(),
                 flags.flag("client-cert-auth")
             ));
         }

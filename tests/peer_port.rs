@@ -163,7 +163,11 @@ fn outsiders_on_the_peer_port_are_refused_and_bad_messages_dropped() {
     m.term = 0; // a stale term: raft ignores it whatever the commit
     m.commit = 1_000_000_000;
     let mut frame = Vec::new();
-    encode_frame(&mut frame, KIND_MESSAGES, &encode_messages(&[m.clone()]));
+    encode_frame(
+        &mut frame,
+        KIND_MESSAGES,
+        &encode_messages(&[m.clone()]).unwrap(),
+    );
     s.write_all(&frame).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !c.nodes[0].log_text().contains("beyond the last index") {
@@ -192,7 +196,7 @@ fn outsiders_on_the_peer_port_are_refused_and_bad_messages_dropped() {
     }
     m.to = ids[3 - sender]; // the third member
     frame.clear();
-    encode_frame(&mut frame, KIND_MESSAGES, &encode_messages(&[m]));
+    encode_frame(&mut frame, KIND_MESSAGES, &encode_messages(&[m]).unwrap());
     s.write_all(&frame).unwrap();
     assert!(
         closed(&mut s),

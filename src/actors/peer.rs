@@ -147,14 +147,16 @@ fn invalid(msg: impl Into<String>) -> std::io::Error {
 }
 
 /// A batch of messages as one frame payload: `u32 LE length | protobuf` each.
-pub fn encode_messages(msgs: &[Message]) -> Vec<u8> {
+pub fn encode_messages(msgs: &[Message]) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     for m in msgs {
-        let b = m.write_to_bytes().unwrap_or_default();
+        let b = m
+            .write_to_bytes()
+            .map_err(|e| invalid(format!("encode raft message: {e}")))?;
         out.extend_from_slice(&(b.len() as u32).to_le_bytes());
         out.extend_from_slice(&b);
     }
-    out
+    Ok(out)
 }
 
 pub fn decode_messages(mut payload: &[u8]) -> std::io::Result<Vec<Message>> {
@@ -383,12 +385,12 @@ async fn handshake(ctx: &Ctx, to: u64) -> Result<PeerStream, String> {
             purpose: Purpose::Raft,
             urls: Vec::new(),
         };
+        let hello_bytes = match postcard::to_allocvec(&hello) {
+            Ok(b) => b,
+            Err(e) => return Err(format!("encode hello: {e}")),
+        };
         let mut frame = Vec::new();
-        encode_frame(
-            &mut frame,
-            KIND_HELLO,
-            &postcard::to_allocvec(&hello).unwrap_or_default(),
-        );
+        encode_frame(&mut frame, KIND_HELLO, &hello_bytes);
         let ack = async {
             s.write_all(&frame).await?;
             s.flush().await?;
@@ -535,7 +537,7 @@ async fn write_batch(
 }
 
 async fn write_messages(stream: &mut PeerStream, msgs: &[Message]) -> std::io::Result<()> {
-    let payload = encode_messages(msgs);
+    let payload = encode_messages(msgs)?;
     let mut frame = Vec::with_capacity(payload.len() + 5);
     encode_frame(&mut frame, KIND_MESSAGES, &payload);
     stream.write_all(&frame).await?;
@@ -574,7 +576,10 @@ async fn send_snapshot(stream: &mut PeerStream, m: Message) -> std::io::Result<(
     }
     let _ = file.close().await;
     let mut payload = crc.to_le_bytes().to_vec();
-    payload.extend_from_slice(&m.write_to_bytes().unwrap_or_default());
+    let message = m
+        .write_to_bytes()
+        .map_err(|e| invalid(format!("encode snapshot message: {e}")))?;
+    payload.extend_from_slice(&message);
     frame.clear();
     encode_frame(&mut frame, KIND_SNAP_END, &payload);
     stream.write_all(&frame).await?;
@@ -1075,7 +1080,7 @@ mod tests {
         m.from = 1;
         m.to = 2;
         m.term = 7;
-        let payload = encode_messages(&[m.clone(), m.clone()]);
+        let payload = encode_messages(&[m.clone(), m.clone()]).unwrap();
         let back = decode_messages(&payload).unwrap();
         assert_eq!(back.len(), 2);
         assert_eq!(back[1].term, 7);
